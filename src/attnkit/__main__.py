@@ -1,0 +1,7 @@
+"""`python -m attnkit` (and `torchrun -m attnkit`) run the CLI."""
+
+import sys
+
+from attnkit.cli import main
+
+sys.exit(main())

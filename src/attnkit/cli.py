@@ -1,0 +1,130 @@
+"""The `attnkit` command: train, eval, translate, recipes.
+
+Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnkit import __version__
+from attnkit.errors import UserError
+
+EPILOG = """examples:
+  attnkit train math-demo
+  attnkit train translate --set data.dir=data/multi30k --set data.src=de --set data.tgt=en
+  attnkit train math --set data.modules='["arithmetic__mul"]' --set train.steps=5000
+  attnkit train copy --set data.task=reverse --set arch.d_model=64
+  attnkit eval runs/translate-20261124-101500
+  echo "Ein Hund läuft." | attnkit translate runs/translate-20261124-101500
+
+--set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
+are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
+override the model preset (d_model, n_heads, n_encoder_layers, ...). An existing run_dir
+resumes its run exactly where it stopped.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attnkit", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="The Transformer and the attention family from scratch in PyTorch.")
+    p.add_argument("--version", action="version", version=f"attnkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe, then evaluate it")
+    t.add_argument("recipe", help="recipe name (see `attnkit recipes`)")
+    t.add_argument("--config", metavar="FILE", help="JSON file of config values")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable)")
+
+    e = sub.add_parser("eval", help="evaluate a trained run on its recipe's test sets")
+    e.add_argument("run", help="run directory")
+
+    tr = sub.add_parser("translate", help="decode text with a trained run (args or stdin)")
+    tr.add_argument("run", help="run directory")
+    tr.add_argument("text", nargs="*", help="sentences; read from stdin (one a line) if none")
+    tr.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
+    tr.add_argument("--greedy", action="store_true", help="greedy decoding")
+
+    r = sub.add_parser("recipes", help="list recipes, or show one's default config")
+    r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
+    return p
+
+
+def _train(args: argparse.Namespace) -> None:
+    from attnkit.recipes import get_recipe, resolve_config
+
+    recipe = get_recipe(args.recipe)
+    cfg = resolve_config(recipe, args.config, args.overrides)
+    recipe.main(cfg, recipe=recipe.name)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from attnkit.recipes import config_of_run
+    from attnkit.recipes.seq2seq import read_run
+
+    recipe, cfg = config_of_run(read_run(args.run))
+    recipe.evaluate(Path(args.run), cfg)
+
+
+def _translate(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from attnkit.recipes import config_of_run
+    from attnkit.recipes.seq2seq import decode_texts, load_model, read_run
+    from attnkit.tokenizers import Tokenizer
+
+    _, cfg = config_of_run(read_run(args.run))
+    decode = cfg.decode
+    if args.beam is not None:
+        if args.beam < 1:
+            raise UserError(f"--beam must be >= 1, got {args.beam}")
+        decode = replace(decode, method="beam", beam_size=args.beam)
+    if args.greedy:
+        decode = replace(decode, method="greedy")
+    lines = args.text or [line.rstrip("\n") for line in sys.stdin]
+    lines = [line.strip() for line in lines]
+    if not any(lines):
+        raise UserError("nothing to translate: give text as arguments or on stdin")
+    tok = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    model = load_model(args.run)
+    for out in decode_texts(model, tok, lines, decode):
+        print(out, flush=True)
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    import json
+
+    from attnkit.config import to_dict
+    from attnkit.recipes import RECIPES, get_recipe
+
+    if args.show:
+        print(json.dumps(to_dict(get_recipe(args.show).defaults()), indent=2))
+        return
+    width = max(map(len, RECIPES))
+    for name, recipe in RECIPES.items():
+        print(f"{name:<{width}}  {recipe.summary}")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"attnkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnkit: interrupted (an existing run_dir resumes from its last checkpoint)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The one exception type for bad input.
+
+Everything a user can get wrong (a missing file, a mistyped config key, a corrupt checkpoint)
+raises :class:`UserError` with a one-line message; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: shown as one line, exit code 2, never a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value or key."""

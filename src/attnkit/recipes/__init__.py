@@ -1,0 +1,65 @@
+"""The recipes `attnkit train` runs: name -> defaults, main and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnkit.config import apply_overrides, from_dict, load_json, to_dict, unknown
+from attnkit.recipes import copy, math, translate
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    defaults: Callable[[], Any]           # the recipe's default config (a frozen dataclass)
+    main: Callable[..., dict]             # main(cfg, recipe=name): train, then report
+    evaluate: Callable[[Path, Any], dict]  # evaluate(run_dir, cfg): report a trained run
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("math-demo", "the demo: mathematics-dataset add_or_sub, ~5 minutes on 2 CPU cores",
+           math.demo_defaults, math.main, math.evaluate),
+    Recipe("math", "DeepMind mathematics problems (any module list), exact-match accuracy",
+           math.defaults, math.main, math.evaluate),
+    Recipe("translate", "parallel-text translation (e.g. Multi30k de->en), BLEU",
+           translate.defaults, translate.main, translate.evaluate),
+    Recipe("copy", "synthetic copy / reverse / sort strings, exact match on longer inputs",
+           copy.defaults, copy.main, copy.evaluate),
+)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise unknown("recipe", name, RECIPES)
+    return RECIPES[name]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(recipe: Recipe, config_file: str | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Defaults, then a JSON config file, then ``key=value`` overrides; validated."""
+    default = recipe.defaults()
+    data = to_dict(default)
+    if config_file:
+        data = _merge(data, load_json(config_file))
+    data = apply_overrides(data, overrides, open_sections=("arch",))
+    return from_dict(type(default), data)
+
+
+def config_of_run(record: dict) -> tuple[Recipe, Any]:
+    """The recipe and config a run directory's config.json records."""
+    recipe = get_recipe(record.get("recipe", "?"))
+    return recipe, from_dict(type(recipe.defaults()), record["config"])

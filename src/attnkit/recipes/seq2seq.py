@@ -1,0 +1,323 @@
+"""What every sequence-to-sequence recipe (math, translate, copy) shares, in one tested place.
+
+A recipe supplies string pairs for training and named evaluation sets plus a metric; this
+module turns them into a run: the run directory, the tokenizer, the model, the loss, the
+trainer, decoding and the final report. Recipes stay short and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from attnkit.config import to_dict, unknown
+from attnkit.data.batching import TokenBatches, eval_batches
+from attnkit.decoding import beam_search, greedy_search
+from attnkit.errors import ConfigError, UserError
+from attnkit.evaluation import METRICS, perplexity
+from attnkit.losses import label_smoothed_nll
+from attnkit.models import build_seq2seq, check_seq2seq
+from attnkit.tokenizers import KINDS, Tokenizer
+from attnkit.train import distributed as dist
+from attnkit.train.checkpoint import latest_checkpoint, load_weights, write_json_atomic
+from attnkit.train.loop import TrainConfig, fit
+
+Pairs = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: Literal["char", "wordpiece", "bpe"] = "char"
+    vocab_size: int = 8000        # ignored for char
+    path: str = ""                # a tokenizer.json to use instead of training one
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"tokenizer.kind must be one of {', '.join(KINDS)}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    method: Literal["beam", "greedy"] = "beam"
+    beam_size: int = 4
+    alpha: float = 0.6            # GNMT length penalty (Wu et al. 2016); 0 = none
+    max_len_a: float = 1.5        # output length limit = a * source length + b tokens
+    max_len_b: int = 10
+    batch_tokens: int = 8000      # source tokens per decoding batch
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ConfigError(f"decode.beam_size must be >= 1, got {self.beam_size}")
+        if self.alpha < 0:
+            raise ConfigError(f"decode.alpha must be >= 0, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    """The fields every sequence-to-sequence recipe has; recipes add a ``data`` section."""
+
+    model: str = "transformer"    # model family
+    preset: str = "small"         # the family's preset
+    arch: dict = field(default_factory=dict)   # overrides of the preset (e.g. d_model)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    batch_tokens: int = 4096      # padded target/source positions per batch
+    label_smoothing: float = 0.1  # Vaswani et al. 2017, section 5.4
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval_examples: int = 500      # examples decoded (greedy) at each evaluation; 0 = loss only
+    run_dir: str = ""             # default: runs/<recipe>-<time>; an existing run resumes
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing must be in [0, 1)")
+        if self.batch_tokens < 1:
+            raise ConfigError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        if self.eval_examples < 0:
+            raise ConfigError(f"eval_examples must be >= 0, got {self.eval_examples}")
+        check_seq2seq(self.model, self.preset, self.arch)
+
+
+@dataclass
+class Task:
+    """A recipe's data: training pairs, named evaluation sets (the first one is watched during
+    training) and the metric's name in :data:`attnkit.evaluation.METRICS`."""
+
+    train: Pairs
+    evals: dict[str, Pairs]
+    metric: str
+
+
+# ---- run directory -----------------------------------------------------------------------------
+def prepare_run_dir(recipe: str, cfg: Seq2SeqConfig) -> Path:
+    """Create the run directory and its config.json; an existing run must have the same config."""
+    run_dir = Path(cfg.run_dir or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    record = {"recipe": recipe, "config": to_dict(cfg)}
+    path = run_dir / "config.json"
+    if path.exists():
+        old = read_run(run_dir)
+        # where the run lives is not part of what it is: a moved run resumes too
+        same = old["recipe"] == recipe and {**old["config"], "run_dir": ""} == {
+            **record["config"], "run_dir": ""}
+        if not same:
+            raise UserError(f"{run_dir} holds a run with another recipe or config; choose "
+                            "another run_dir (or repeat that run's settings to resume it)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} exists and is not an attnkit run; choose another run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return run_dir
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A run directory's config.json (recipe, config, model) with one-line errors."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an attnkit run directory (no config.json)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt: {err}") from None
+    if not (isinstance(record, dict) and isinstance(record.get("recipe"), str)
+            and isinstance(record.get("config"), dict)):
+        raise UserError(f"{path} is not an attnkit run config (no recipe and config)")
+    return record
+
+
+def get_tokenizer(run_dir: Path, cfg: TokenizerConfig, texts: Callable[[], list[str]]
+                  ) -> Tokenizer:
+    """The run's tokenizer: reloaded, copied from ``cfg.path``, or trained on ``texts()``."""
+    path = run_dir / "tokenizer.json"
+    if path.exists():
+        return Tokenizer.load(path)
+    tok = Tokenizer.load(cfg.path) if cfg.path else Tokenizer.train(
+        cfg.kind, texts(), vocab_size=cfg.vocab_size)
+    if not tok.standard_ids:
+        raise UserError(f"tokenizer {cfg.path} lacks attnkit's special tokens "
+                        "[PAD] [BOS] [EOS] [UNK] at ids 0-3")
+    tok.save(path)
+    return tok
+
+
+# ---- model -------------------------------------------------------------------------------------
+def build_model(run_dir: Path, cfg: Seq2SeqConfig, tok: Tokenizer) -> nn.Module:
+    """Build the configured model and record its resolved config in config.json."""
+    model, resolved = build_seq2seq(cfg.model, cfg.preset, cfg.arch, tok.vocab_size)
+    record = read_run(run_dir)
+    if record.get("model") != {"family": cfg.model, "config": resolved}:
+        record["model"] = {"family": cfg.model, "config": resolved}
+        write_json_atomic(run_dir / "config.json", record)
+    return model
+
+
+def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best") -> nn.Module:
+    """The trained model of a run (its best checkpoint when it has one), in eval mode."""
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    if "model" not in record:
+        raise UserError(f"{run_dir} has no trained model yet")
+    spec = record["model"]
+    config = dict(spec["config"])
+    src_vocab, tgt_vocab = config.pop("src_vocab_size"), config.pop("tgt_vocab_size")
+    model, _ = build_seq2seq(spec["family"], record["config"]["preset"], config, src_vocab,
+                             tgt_vocab)
+    best = run_dir / "checkpoints" / "best.safetensors"
+    path = best if which == "best" and best.exists() else latest_checkpoint(run_dir)
+    if path is None:
+        raise UserError(f"{run_dir} has no checkpoint")
+    load_weights(path, model)
+    return model.eval()
+
+
+# ---- training ----------------------------------------------------------------------------------
+def encode_pairs(tok: Tokenizer, pairs: Pairs, max_len: int) -> tuple[list, int]:
+    """Token-id pairs, dropping those that do not fit the model (count returned)."""
+    src, tgt = tok.encode_batch([s for s, _ in pairs]), tok.encode_batch([t for _, t in pairs])
+    kept = [(s, t) for s, t in zip(src, tgt, strict=True)
+            if 0 < len(s) <= max_len and len(t) + 1 <= max_len]
+    return kept, len(pairs) - len(kept)
+
+
+def loss_fn(epsilon: float) -> Callable:
+    """Label-smoothed token loss of a Seq2SeqBatch: (sum, number of target tokens)."""
+    def compute(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        return label_smoothed_nll(model(batch.src, batch.tgt_in).logits, batch.tgt_out, epsilon)
+    return compute
+
+
+def decode_texts(model: nn.Module, tok: Tokenizer, sources: Sequence[str], cfg: DecodeConfig,
+                 method: str | None = None) -> list[str]:
+    """Decode ``sources`` in length-sorted batches; outputs in the input order."""
+    ids = tok.encode_batch(list(sources))
+    limit = model.cfg.max_len
+    too_long = [i for i, s in enumerate(ids) if len(s) > limit]
+    if too_long:
+        raise UserError(f"input {too_long[0] + 1} has {len(ids[too_long[0]])} tokens; the "
+                        f"model's maximum is {limit}")
+    outputs: list[str] = [""] * len(ids)
+    pairs = [(s if s else [tok.unk_id], []) for s in ids]
+    for batch in eval_batches(pairs, cfg.batch_tokens):
+        src_lens = (batch.src != tok.pad_id).sum(1).tolist()
+        max_len = [min(limit, int(cfg.max_len_a * n + cfg.max_len_b)) for n in src_lens]
+        if (method or cfg.method) == "greedy":
+            hyps = greedy_search(model, batch.src, max_len)
+        else:
+            hyps = [h[0].tokens for h in beam_search(model, batch.src, max_len, cfg.beam_size,
+                                                     cfg.alpha)]
+        for row, out in zip(batch.index.tolist(), hyps, strict=True):
+            outputs[row] = tok.decode(out)
+    return outputs
+
+
+def make_evaluate(tok: Tokenizer, task: Task, cfg: Seq2SeqConfig, max_len: int) -> Callable:
+    """Validation loss and perplexity on the first eval set, and its metric on a sample."""
+    name, pairs = next(iter(task.evals.items()))
+    encoded, _ = encode_pairs(tok, pairs, max_len)
+    batches = eval_batches(encoded, cfg.batch_tokens)
+    sample = pairs[: cfg.eval_examples]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model = dist.unwrap(model)
+        total, n = 0.0, 0
+        for batch in batches:
+            loss, count = label_smoothed_nll(model(batch.src, batch.tgt_in).logits,
+                                             batch.tgt_out, 0.0)
+            total, n = total + loss.item(), n + count
+        metrics = {"val_loss": total / max(1, n), "val_ppl": perplexity(total, n)}
+        if sample:
+            hyps = decode_texts(model, tok, [s for s, _ in sample], cfg.decode, "greedy")
+            metrics.update({f"{name}_{k}": v for k, v in
+                            METRICS[task.metric](hyps, [t for _, t in sample]).items()})
+        return metrics
+    return evaluate
+
+
+def metric_names(cfg: Seq2SeqConfig, task: Task) -> list[str]:
+    """The names :func:`make_evaluate` reports (candidates for ``train.best_metric``)."""
+    names = ["val_loss", "val_ppl"]
+    if cfg.eval_examples:
+        first = next(iter(task.evals))
+        names += [f"{first}_{k}" for k in METRICS[task.metric](["x"], ["x"])]
+    return names
+
+
+def check_before_run(cfg: Seq2SeqConfig, task: Task) -> None:
+    """Refuse settings that would fail later, before the run directory exists."""
+    if not task.evals or not next(iter(task.evals.values())):
+        raise UserError("the recipe produced no evaluation examples")
+    names = metric_names(cfg, task)
+    if cfg.train.best_metric and cfg.train.best_metric not in names:
+        raise unknown("train.best_metric", cfg.train.best_metric, names)
+    if cfg.tokenizer.path:
+        Tokenizer.load(cfg.tokenizer.path)
+
+
+def _setup(recipe: str, cfg: Seq2SeqConfig, task: Task) -> tuple[Path, Tokenizer, nn.Module]:
+    """Run directory, tokenizer and model; under torchrun rank 0 creates, the others read."""
+    rank, _ = dist.init_distributed()
+    run_dir: Path | None = None
+    if rank == 0:
+        check_before_run(cfg, task)
+        run_dir = prepare_run_dir(recipe, cfg)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+    run_dir = Path(dist.all_gather_object(str(run_dir))[0])
+    for turn in (0, 1):  # rank 0 first, so that the others find what it wrote
+        if (rank == 0) == (turn == 0):
+            tok = get_tokenizer(run_dir, cfg.tokenizer,
+                                lambda: [x for p in task.train for x in p])
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(run_dir, cfg, tok)
+        dist.barrier()
+    return run_dir, tok, model
+
+
+def train(recipe: str, cfg: Seq2SeqConfig, task: Task) -> Path:
+    """Train a model on ``task``; returns the run directory (resumes an interrupted run)."""
+    run_dir, tok, model = _setup(recipe, cfg, task)
+    max_len = model.cfg.max_len
+    pairs, dropped = encode_pairs(tok, task.train, max_len)
+    if not pairs:
+        raise UserError("no training pair fits the model (empty or too long)")
+    if dropped and dist.is_main():
+        print(f"skipped {dropped} training pairs that are empty or longer than {max_len} "
+              "tokens", file=sys.stderr)
+    batches = TokenBatches(pairs, cfg.batch_tokens, seed=cfg.train.seed)
+    fit(model, loss_fn(cfg.label_smoothing), batches, cfg.train, run_dir,
+        evaluate=make_evaluate(tok, task, cfg, max_len))
+    return run_dir
+
+
+def train_and_report(recipe: str, cfg: Seq2SeqConfig, task: Task) -> dict:
+    """What a recipe's main does: train, then decode the test sets (on rank 0)."""
+    run_dir = train(recipe, cfg, task)
+    return final_report(run_dir, cfg, task) if dist.is_main() else {}
+
+
+def final_report(run_dir: Path, cfg: Seq2SeqConfig, task: Task, samples: int = 5) -> dict:
+    """Decode every evaluation set with the configured search, print and save the results."""
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    model = load_model(run_dir)
+    results, lines = {}, []
+    for name, pairs in task.evals.items():
+        start = time.perf_counter()
+        hyps = decode_texts(model, tok, [s for s, _ in pairs], cfg.decode)
+        scores = METRICS[task.metric](hyps, [t for _, t in pairs])
+        results[name] = {**scores, "examples": len(pairs),
+                         "decode_seconds": round(time.perf_counter() - start, 2)}
+        lines.append(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                     + f" ({len(pairs)} examples)")
+        for (src, ref), hyp in list(zip(pairs, hyps, strict=True))[:samples]:
+            lines.append(f"  input: {src}\n  reference: {ref}\n  output: {hyp}"
+                         + ("" if hyp.strip() == ref.strip() else "   (wrong)"))
+    write_json_atomic(run_dir / "results.json", results)
+    print("\n".join(lines))
+    print(f"run directory: {run_dir}")
+    return results

@@ -1,0 +1,254 @@
+"""Checkpoints that survive a kill at any moment, and atomic file writes for everyone.
+
+A checkpoint for step ``n`` is two files in ``run_dir/checkpoints``:
+
+- ``step-00000n.state.pt``: optimiser, scheduler, RNG states, data position, step, best value,
+  metrics (tensors, numbers, strings, lists and dicts only: it is read back with
+  ``torch.load(weights_only=True)``);
+- ``step-00000n.safetensors``: the model weights.
+
+Each file is written atomically (temporary file in the same directory, flush, fsync,
+``os.replace``, fsync of the directory), the state first and the weights last, so the weights
+file is the commit mark: a checkpoint is complete when its weights file exists next to its state
+file. A kill between the two leaves an orphan state file that :func:`latest_checkpoint` ignores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from attnkit.errors import UserError
+
+WEIGHTS = ".safetensors"
+STATE = ".state.pt"
+_STEP = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+# ---- atomic writes ---------------------------------------------------------------------------
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot open directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    Use it for writers that want a file name (``save_file``, ``savefig``, ``tokenizer.save``).
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; writers may have re-created the file
+        with open(tmp_path, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """:func:`write_atomic` for UTF-8 text."""
+    write_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (e.g. ``config.json``)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch_atomic(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` written atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) \
+        else model
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that alias an earlier one (tied weights); safetensors refuses shared memory."""
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, t in state.items():
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = t.contiguous().cpu()
+    return tensors, aliases
+
+
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None
+                 ) -> None:
+    """The model's state dict (DDP unwrapped, tied weights stored once) as safetensors."""
+    tensors, aliases = _dedupe(_unwrap(model).state_dict())
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta["aliases"] = json.dumps(aliases)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises several kinds for a damaged file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"corrupt or truncated checkpoint {path}: {first}") from None
+    for alias, key in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[key]
+    return tensors
+
+
+def load_weights(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors checkpoint; when ``model`` is given, load it in (strict, shape-checked).
+
+    Raises :class:`UserError` for a missing, corrupt or truncated file, and for missing,
+    unexpected or differently shaped tensors.
+    """
+    path = Path(path)
+    tensors = _read_safetensors(path)
+    if model is None:
+        return tensors
+    target = _unwrap(model).state_dict()
+    missing = sorted(set(target) - set(tensors))
+    unexpected = sorted(set(tensors) - set(target))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}"
+                        + (" ..." if len(missing) > 3 or len(unexpected) > 3 else ""))
+    for key, t in target.items():
+        if tuple(t.shape) != tuple(tensors[key].shape):
+            raise UserError(f"checkpoint {path} does not fit the model: '{key}' has shape "
+                            f"{tuple(tensors[key].shape)} in the file, {tuple(t.shape)} in the "
+                            "model")
+    _unwrap(model).load_state_dict(tensors, strict=True)
+    return tensors
+
+
+# ---- training state --------------------------------------------------------------------------
+
+def load_state(path: str | Path) -> dict:
+    """Read a ``.state.pt`` file (or the one beside a ``.safetensors`` path) safely."""
+    path = Path(path)
+    if path.name.endswith(WEIGHTS):
+        path = state_path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint state not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged zip/pickle
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"corrupt or truncated checkpoint {path}: {first}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"corrupt checkpoint {path}: expected a dict")
+    return state
+
+
+def state_path(weights_path: str | Path) -> Path:
+    """``step-000123.safetensors`` -> ``step-000123.state.pt``."""
+    p = Path(weights_path)
+    return p.with_name(p.name[: -len(WEIGHTS)] + STATE)
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _complete_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _STEP.match(p.name)
+        if m and state_path(p).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The weights path of the newest complete checkpoint (weights and state), or None."""
+    found = _complete_steps(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict,
+                    keep_last: int, *, tag: str | None = None) -> Path:
+    """Write ``step-{step:06d}`` (or ``{tag}`` e.g. "best") state then weights; prune old ones.
+
+    Returns the weights path. Tagged checkpoints are never pruned. Pruning removes the weights
+    (the commit mark) before the state, so no half-deleted checkpoint looks complete.
+    """
+    d = checkpoint_dir(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    stem = tag if tag is not None else f"step-{step:06d}"
+    weights = d / (stem + WEIGHTS)
+    save_torch_atomic(d / (stem + STATE), state)
+    save_weights(weights, model, metadata={"step": str(step)})
+    _fsync_dir(d)
+    if tag is None:
+        prune(run_dir, keep_last)
+    return weights
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop older ones and stale orphans."""
+    found = _complete_steps(run_dir)
+    for _, weights in found[: max(0, len(found) - max(keep_last, 1))]:
+        weights.unlink(missing_ok=True)
+        state_path(weights).unlink(missing_ok=True)
+    newest = found[-1][0] if found else -1
+    for p in checkpoint_dir(run_dir).glob("step-*" + STATE):  # states whose weights never came
+        m = re.match(r"^step-(\d+)\.state\.pt$", p.name)
+        weights = p.with_name(p.name[: -len(STATE)] + WEIGHTS)
+        if m and int(m.group(1)) < newest and not weights.exists():
+            p.unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""Training logs: JSON lines, optional TensorBoard, a tqdm progress bar and the loss plot.
+
+``run_dir/metrics.jsonl`` holds one JSON object per line, either a training record
+``{"step", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed"}`` or an evaluation record
+``{"step", "eval": {...}}``. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from attnkit.progress import progress_bar
+from attnkit.train.checkpoint import atomic_path, write_text_atomic
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``run_dir/metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RunLog:
+    """Appends records to metrics.jsonl and mirrors scalars to TensorBoard when installed."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than ``step`` (written after the checkpoint a resume starts from)."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
+        write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (flushed at once, so a kill loses at most the line being written)."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record["step"]
+            scalars = record.get("eval", {k: v for k, v in record.items() if k != "step"})
+            prefix = "eval/" if "eval" in record else "train/"
+            for key, value in scalars.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(prefix + key, value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """A tqdm bar over optimiser steps showing loss, lr and tokens/s (silent when disabled)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = progress_bar(total=total, initial=initial, disable=not enabled, unit="step")
+
+    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                             refresh=False)
+        self.bar.update(1)
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plot_loss(run_dir: str | Path) -> Path | None:
+    """Draw training loss (and evaluation metrics) against step into ``plots/loss.png``."""
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records
+             if "loss" in r and isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"])]
+    if not train:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
+
+    evals = [(r["step"], r["eval"]) for r in records if isinstance(r.get("eval"), dict)]
+    keys = sorted({k for _, e in evals for k, v in e.items() if isinstance(v, (int, float))})
+    fig = Figure(figsize=(6.4, 4.0 if not keys else 6.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(2 if keys else 1, 1, 1)
+    ax.plot(*zip(*train, strict=True), label="train loss (per token)")
+    if "val_loss" in keys:
+        ax.plot(*zip(*[(s, e["val_loss"]) for s, e in evals if "val_loss" in e], strict=True),
+                "o-", label="val_loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    if keys:
+        ax2 = fig.add_subplot(2, 1, 2)
+        for key in keys:
+            points = [(s, e[key]) for s, e in evals if key in e]
+            ax2.plot(*zip(*points, strict=True), "o-", label=key)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("evaluation")
+        ax2.legend()
+    fig.tight_layout()
+    path = Path(run_dir) / "plots" / "loss.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
