@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnkit.config import to_dict, unknown
+from attnkit.config import from_dict, to_dict, unknown
 from attnkit.data.batching import TokenBatches, eval_batches
 from attnkit.decoding import beam_search, greedy_search
 from attnkit.errors import ConfigError, UserError
@@ -103,8 +103,13 @@ def prepare_run_dir(recipe: str, cfg: Seq2SeqConfig) -> Path:
     path = run_dir / "config.json"
     if path.exists():
         old = read_run(run_dir)
-        # where the run lives is not part of what it is: a moved run resumes too
-        same = old["recipe"] == recipe and {**old["config"], "run_dir": ""} == {
+        # where the run lives is not part of what it is (a moved run resumes too), and settings
+        # added to attnkit since the run started take their defaults
+        try:
+            old_config = to_dict(from_dict(type(cfg), old["config"]))
+        except ConfigError:
+            old_config = old["config"]
+        same = old["recipe"] == recipe and {**old_config, "run_dir": ""} == {
             **record["config"], "run_dir": ""}
         if not same:
             raise UserError(f"{run_dir} holds a run with another recipe or config; choose "
