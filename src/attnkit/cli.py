@@ -1,4 +1,4 @@
-"""The `attnkit` command: train, eval, translate, recipes.
+"""The `attnkit` command: train, eval, translate, recipes, energy.
 
 Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
 """
@@ -19,6 +19,9 @@ EPILOG = """examples:
   attnkit train copy --set data.task=reverse --set arch.d_model=64
   attnkit eval runs/translate-20261124-101500
   echo "Ein Hund läuft." | attnkit translate runs/translate-20261124-101500
+  attnkit energy estimate --preset big --tokens 1.5e10 --hardware p100 --devices 8
+  attnkit energy estimate --paper
+  attnkit energy report runs/copy-20261124-101500 runs/copy-20261124-113000 --plot cost.png
 
 --set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
 are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
@@ -51,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list recipes, or show one's default config")
     r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
+
+    from attnkit.energy.commands import add_arguments as add_energy
+
+    add_energy(sub)
     return p
 
 
@@ -109,7 +116,14 @@ def _recipes(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {recipe.summary}")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes}
+def _energy(args: argparse.Namespace) -> None:
+    from attnkit.energy.commands import main as energy_main
+
+    energy_main(args)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
+            "energy": _energy}
 
 
 def main(argv: list[str] | None = None) -> int:

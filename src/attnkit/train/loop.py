@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from attnkit.config import to_dict
+from attnkit.energy.account import RunEnergy
+from attnkit.energy.config import EnergyConfig
 from attnkit.errors import ConfigError, UserError
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
@@ -52,6 +54,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     best_metric: str = ""  # e.g. "val_loss" or "bleu"; "" = no best checkpoint
     best_mode: Literal["min", "max"] = "min"
+    energy: EnergyConfig = field(default_factory=EnergyConfig)  # energy.json (docs/energy.md)
 
     def __post_init__(self) -> None:
         for name in ("steps", "accum_steps", "log_every", "keep_last"):
@@ -75,6 +78,7 @@ class TrainResult:
     run_dir: Path
     wall_time: float  # seconds of training, summed over resumed segments
     tokens: int  # tokens seen (batch.n_tokens summed over all micro-batches)
+    energy: dict = field(default_factory=dict)  # energy.json's figures (rank 0)
 
 
 # ---- RNG states as plain data (torch.load(weights_only=True) accepts them) -------------------
@@ -146,10 +150,13 @@ class _Run:
     metrics: dict[str, float] = field(default_factory=dict)
     last_eval: int = -1
     last_save: int = -1
+    energy: RunEnergy | None = None
+    checkpoint_energy: dict | None = None  # the energy totals a resumed checkpoint holds
 
     def state(self, rngs: list) -> dict[str, Any]:
         state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                  "best": self.best, "metrics": dict(self.metrics), "rng": rngs,
+                 "energy": self.energy.state() if self.energy is not None else {},
                  "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
                  "data": self.batches.state_dict(), "config": to_dict(self.cfg)}
@@ -175,6 +182,7 @@ def _restore(run: _Run, resume: bool) -> str | None:
         set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0])
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state["elapsed"]
         run.best, run.metrics = state["best"], dict(state["metrics"])
+        run.checkpoint_energy = state.get("energy")
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise UserError(f"checkpoint {path} does not fit this run: "
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -251,6 +259,7 @@ def _evaluate(run: _Run, evaluate: EvalFn, log: RunLog) -> None:
 def _save(run: _Run) -> None:
     """Every rank contributes its RNG state; rank 0 writes the checkpoint."""
     rngs = dist.all_gather_object(rng_state())
+    run.energy.update(run.step, run.tokens, run.metrics)  # energy.json, then the checkpoint
     if run.rank == 0:
         save_checkpoint(run.run_dir, run.step, run.raw, run.state(rngs), run.cfg.keep_last)
     run.last_save = run.step
@@ -280,6 +289,7 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
                        "tokens_per_s": window[2] / max(now - window[3], 1e-9),
                        "grad_norm": grad_norm, "elapsed": run.elapsed})
             window = [0.0, 0.0, 0, now]
+            run.energy.tick(run.step, run.tokens, run.metrics)
         if evaluate is not None and (
                 (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps):
             _evaluate(run, evaluate, log)
@@ -320,12 +330,18 @@ def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
     bar = Progress(cfg.steps, run.step, enabled=progress and rank == 0)
     run.model = dist.wrap_ddp(raw)
     raw.train()
+    run.energy = RunEnergy(cfg.energy, run.run_dir, rank, dist.all_gather_object,
+                           run.checkpoint_energy)
     try:
         _loop(run, loss_fn, evaluate, log, bar)
+        bar.close()
+        energy = run.energy.finish(run.step, run.tokens, run.metrics)
     finally:
         bar.close()
         log.close()
+        run.energy.abort(run.step, run.tokens, world)  # after a failure only
     if rank == 0:
         plot_loss(run.run_dir)
     dist.barrier()
-    return TrainResult(run.step, dict(run.metrics), run.run_dir, run.elapsed, run.tokens)
+    return TrainResult(run.step, dict(run.metrics), run.run_dir, run.elapsed, run.tokens,
+                       energy)
