@@ -1,4 +1,4 @@
-"""The `attnkit` command: train, eval, translate, recipes, energy.
+"""The `attnkit` command: train, eval, translate, recipes, energy, viz.
 
 Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
 """
@@ -22,6 +22,7 @@ EPILOG = """examples:
   attnkit energy estimate --preset big --tokens 1.5e10 --hardware p100 --devices 8
   attnkit energy estimate --paper
   attnkit energy report runs/copy-20261124-101500 runs/copy-20261124-113000 --plot cost.png
+  attnkit viz runs/translate-20261124-101500 "Ein Hund läuft." --view head -o head.html
 
 --set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
 are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
@@ -54,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list recipes, or show one's default config")
     r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
+
+    v = sub.add_parser("viz", help="attention views as one offline HTML file (and a PNG)")
+    v.add_argument("run", help="run directory")
+    v.add_argument("text", help="source text")
+    v.add_argument("--target", help="target text (default: the model's greedy output)")
+    v.add_argument("--pair", help="second text: the target of an encoder-decoder model")
+    v.add_argument("--view", default="head", help="head, model, neuron or rollout (default head)")
+    v.add_argument("--group", action="append", metavar="NAME",
+                   help="attention group to show: encoder, decoder, cross (repeatable)")
+    v.add_argument("-o", "--output", help="HTML file to write")
+    v.add_argument("--png", help="also write a PNG heatmap here")
+    v.add_argument("--layer", type=int, default=0, help="layer of the PNG for head/neuron views")
 
     from attnkit.energy.commands import add_arguments as add_energy
 
@@ -122,8 +135,36 @@ def _energy(args: argparse.Namespace) -> None:
     energy_main(args)
 
 
+def _viz(args: argparse.Namespace) -> None:
+    from attnkit import viz
+    from attnkit.viz.plots import plot_view
+
+    if args.view not in viz.VIEWS:
+        from attnkit.config import unknown
+
+        raise unknown("view", args.view, viz.VIEWS)
+    if not args.output:
+        raise UserError("give the HTML file to write with -o OUT.html")
+    if args.target is not None and args.pair is not None:
+        raise UserError("give either --target or --pair, not both")
+    model, tok = viz.load(args.run)
+    cap = viz.capture_text(model, tok, args.text,
+                           args.target if args.target is not None else args.pair)
+    for name in args.group or []:
+        cap.group(name)
+    page = viz.render(cap, args.view, groups=args.group, title=f"{args.view} view: {args.run}")
+    if args.png:
+        group = args.group[0] if args.group else None
+        n = cap.group(group or next(iter(cap.groups))).n_layers
+        if not 0 <= args.layer < n:
+            raise UserError(f"--layer must be in 0..{n - 1}, got {args.layer}")
+        plot_view(cap, args.view, args.png, group, args.layer)
+    page.save(args.output)
+    print(f"wrote {args.output}" + (f" and {args.png}" if args.png else ""))
+
+
 COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
-            "energy": _energy}
+            "energy": _energy, "viz": _viz}
 
 
 def main(argv: list[str] | None = None) -> int:
