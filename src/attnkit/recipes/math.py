@@ -79,14 +79,14 @@ def defaults() -> MathConfig:
 
 
 def demo_defaults() -> MathConfig:
-    """`make demo`: add_or_sub on 2 CPU cores in about five minutes."""
+    """`make demo`: add_or_sub on 2 CPU cores in about five minutes (BENCHMARKS.md)."""
     return MathConfig(
-        preset="small",
-        arch={"d_model": 256, "n_heads": 8, "n_encoder_layers": 2, "n_decoder_layers": 2,
-              "d_ff": 1024, "dropout": 0.0, "max_len": 256},
+        preset="tiny",
+        arch={"d_model": 128, "n_heads": 4, "n_encoder_layers": 2, "n_decoder_layers": 2,
+              "d_ff": 512, "dropout": 0.0, "norm_first": True, "max_len": 256},
         tokenizer=TokenizerConfig(kind="char"),
         data=MathData(train_size=60_000, eval_size=500),
-        batch_tokens=4096, label_smoothing=0.0, eval_examples=200,
-        train=TrainConfig(steps=1500, eval_every=500, save_every=500, log_every=25,
-                          optim=OptimConfig(lr=1e-3, warmup_steps=300)),
+        batch_tokens=2048, label_smoothing=0.0, eval_examples=200,
+        train=TrainConfig(steps=2400, eval_every=600, save_every=600, log_every=50,
+                          optim=OptimConfig(lr=2e-3, warmup_steps=200)),
         decode=DecodeConfig(beam_size=1, alpha=0.0, max_len_a=0.0, max_len_b=32))

@@ -84,10 +84,11 @@ def evaluate(run_dir: Path, cfg: TranslateConfig) -> dict:
 
 
 def defaults() -> TranslateConfig:
+    """Sized for Multi30k on 2 CPU cores in about an hour (BENCHMARKS.md)."""
     return TranslateConfig(
         preset="small",
         tokenizer=TokenizerConfig(kind="bpe", vocab_size=8000),
-        batch_tokens=4096, label_smoothing=0.1, eval_examples=300,
-        train=TrainConfig(steps=20_000, eval_every=1000, save_every=1000, best_metric="val_bleu",
-                          best_mode="max", optim=OptimConfig(lr=1e-3, warmup_steps=4000)),
+        batch_tokens=4096, label_smoothing=0.1, eval_examples=2000,
+        train=TrainConfig(steps=1250, eval_every=250, save_every=250, best_metric="val_loss",
+                          optim=OptimConfig(lr=1e-3, warmup_steps=800)),
         decode=DecodeConfig(beam_size=4, alpha=0.6, max_len_a=1.5, max_len_b=10))
