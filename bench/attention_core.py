@@ -2,8 +2,8 @@
 
 For 8 heads x 64 (fp32, forward, batch 1) at several lengths T, reports the median time of
 interleaved repeats (fused, explicit, fused, explicit, ...) in one process, and the peak extra
-memory of each path measured in a fresh subprocess (ru_maxrss growth), with the thread count
-pinned and the machine's background load recorded.
+memory of each path measured in a fresh subprocess (growth of its peak resident memory), with
+the thread count pinned and the machine's background load recorded.
 
     .venv/bin/python bench/attention_core.py [--lengths 1024 4096 8192] [--threads 2]
 """
@@ -35,17 +35,25 @@ def _run(path: str, q, k, v) -> None:
         attention(q, k, v, need_weights=path == "explicit")
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (KiB) from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def peak_memory_mib(path: str, t: int, threads: int) -> float:
     """Extra resident memory (MiB) of one forward call, measured in a fresh process."""
+    # VmHWM (peak resident memory) belongs to the process image; ru_maxrss would inherit the
+    # parent's peak across fork + exec.
     code = (
-        "import resource, torch, sys\n"
+        "import torch, sys\n"
         f"torch.set_num_threads({threads})\n"
         "sys.path.insert(0, %r)\n" % os.path.dirname(os.path.abspath(__file__))
-        + "from attention_core import _inputs, _run\n"
+        + "from attention_core import _inputs, _run, peak_rss_kib\n"
         f"q, k, v = _inputs({t}); _run('{path}', q[:, :, :8], k[:, :, :8], v[:, :, :8])\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = peak_rss_kib()\n"
         f"_run('{path}', q, k, v)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+        "print((peak_rss_kib() - before) / 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     return float(out.stdout.strip())

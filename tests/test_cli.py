@@ -160,7 +160,7 @@ def test_recipes_lists_and_shows(capsys: pytest.CaptureFixture) -> None:
     assert main(["recipes", "--show", "translate"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["tokenizer"]["kind"] == "bpe"
-    assert shown["train"]["best_metric"] == "val_bleu"
+    assert shown["train"]["best_metric"] == "val_loss"
     assert set(shown["data"]) >= {"train_src", "train_tgt", "valid_src", "valid_tgt"}
 
 
