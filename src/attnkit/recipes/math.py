@@ -88,5 +88,6 @@ def demo_defaults() -> MathConfig:
         data=MathData(train_size=60_000, eval_size=500),
         batch_tokens=2048, label_smoothing=0.0, eval_examples=200,
         train=TrainConfig(steps=2400, eval_every=600, save_every=600, log_every=50,
-                          optim=OptimConfig(lr=2e-3, warmup_steps=200)),
+                          optim=OptimConfig(lr=2e-3, warmup_steps=200,
+                                            schedule="cosine")),
         decode=DecodeConfig(beam_size=1, alpha=0.0, max_len_a=0.0, max_len_b=32))
