@@ -34,8 +34,10 @@ class View:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        from attnkit.train.checkpoint import write_text_atomic
+
         try:
-            path.write_text(self.html, encoding="utf-8")
+            write_text_atomic(path, self.html)  # an existing file survives a failed write
         except OSError as err:
             raise UserError(f"cannot write {path}: {err}") from None
         return path
