@@ -77,6 +77,20 @@ def test_attention_paths_equal_float64_reference(kind, with_bias):
     torch.testing.assert_close(explicit.weights, ref_w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("t,s", [(4, 4), (1, 5), (3, 5)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_flag_equals_reference_with_last_t_queries(t, s, padded):
+    q, k, v = qkv(t=t, s=s)
+    pad = _masks(t=t, s=s)["padding"] if padded else None
+    allowed = torch.tensor([[j <= i + (s - t) for j in range(s)] for i in range(t)])
+    ref_out, ref_w = reference_attention(q, k, v, combine(pad, allowed[None, None]))
+    fused = attention(q, k, v, mask=pad, causal=True)
+    explicit = attention(q, k, v, mask=pad, causal=True, need_weights=True)
+    torch.testing.assert_close(fused.out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(explicit.out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(explicit.weights, ref_w, rtol=1e-10, atol=1e-12)
+
+
 def test_attention_weights_rows_sum_to_one_and_zero_where_masked():
     q, k, v = qkv()
     mask = _masks()["both"]

@@ -42,21 +42,23 @@ class BlockOutput:
 
 
 class EncoderBlock(nn.Module):
-    """Self-attention then feed-forward."""
+    """Self-attention then feed-forward (an encoder layer, or a GPT layer with ``causal``)."""
 
     def __init__(self, self_attn: MultiHeadAttention, ffn: nn.Module, d_model: int,
-                 dropout: float, norm_first: bool = False) -> None:
+                 dropout: float, norm_first: bool = False, eps: float = 1e-5) -> None:
         super().__init__()
         self.self_attn, self.ffn = self_attn, ffn
-        self.attn_res = Residual(d_model, dropout, norm_first)
-        self.ffn_res = Residual(d_model, dropout, norm_first)
+        self.attn_res = Residual(d_model, dropout, norm_first, eps)
+        self.ffn_res = Residual(d_model, dropout, norm_first, eps)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None,
-                need_weights: bool = False) -> BlockOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False, *,
+                causal: bool = False, cache: KVCache | None = None) -> BlockOutput:
+        """``causal`` and ``cache`` make it a decoder-only (GPT) block."""
         box: list[MHAOutput] = []
 
         def attend(h: Tensor) -> Tensor:
-            box.append(self.self_attn(h, mask=mask, need_weights=need_weights))
+            box.append(self.self_attn(h, mask=mask, need_weights=need_weights, causal=causal,
+                                      cache=cache))
             return box[0].out
 
         x = self.attn_res(x, attend)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.nn.attention.masks import causal_mask, combine
+
 
 @dataclass
 class AttentionOutput:
@@ -42,17 +44,23 @@ def _combined_mask(mask: Tensor | None, bias: Tensor | None, dtype: torch.dtype)
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
               bias: Tensor | None = None, dropout: float = 0.0, need_weights: bool = False,
-              scale: float | None = None) -> AttentionOutput:
+              scale: float | None = None, causal: bool = False) -> AttentionOutput:
     """Scaled dot-product attention with an optional boolean ``mask`` and additive ``bias``.
 
-    ``dropout`` is applied to the attention weights (pass 0.0 in evaluation). With
-    ``need_weights=False`` the fused kernel runs and ``weights`` is None.
+    ``causal`` lets query i attend to keys j <= i + (S - T) (queries are the last T positions,
+    as after a key/value cache); it is ANDed with ``mask``. ``dropout`` is applied to the
+    attention weights (pass 0.0 in evaluation). With ``need_weights=False`` the fused kernel
+    runs and ``weights`` is None.
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    t, s = q.size(-2), k.size(-2)
+    if causal and (need_weights or mask is not None or bias is not None or t != s):
+        mask = combine(mask, causal_mask(t, s, device=q.device))
+        causal = False
     if not need_weights:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=_combined_mask(mask, bias, q.dtype), dropout_p=dropout,
-            scale=scale)
+            scale=scale, is_causal=causal)  # is_causal: only square and unmasked (fastest)
         return AttentionOutput(out)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if bias is not None:

@@ -52,10 +52,13 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 bias: Tensor | None = None, cache: KVCache | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False) -> MHAOutput:
+                kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False,
+                causal: bool = False) -> MHAOutput:
         """Attend from ``x`` (B, T, C) to itself (self) or to ``context`` / precomputed ``kv``.
 
         ``cache`` (self-attention) receives the new keys/values and supplies the earlier ones.
+        ``causal`` adds the causal mask inside the core (the fused kernel's fast path when the
+        queries and keys are the same positions).
         """
         if self.cross:
             q = self._heads(self.q_proj(x))
@@ -64,7 +67,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)
-        res = attention(q, k, v, mask=mask, bias=bias, need_weights=need_weights,
+        res = attention(q, k, v, mask=mask, bias=bias, need_weights=need_weights, causal=causal,
                         dropout=self.dropout if self.training else 0.0)
         b, _, t, _ = res.out.shape
         out = res.out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, C)
