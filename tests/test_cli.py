@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from attnkit.cli import main
+from attnkit.recipes import RECIPES
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY_ARCH = ["arch.d_model=32", "arch.d_ff=64", "arch.n_heads=2", "arch.n_encoder_layers=1",
@@ -156,7 +157,8 @@ def test_help_mentions_every_command(tmp_path: Path) -> None:
 def test_recipes_lists_and_shows(capsys: pytest.CaptureFixture) -> None:
     assert main(["recipes"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert names == ["math-demo", "math", "translate", "copy"]
+    assert names == list(RECIPES)  # every registered recipe, in registry order
+    assert {"math-demo", "math", "translate", "copy", "lm", "pointer-sort"} <= set(names)
     assert main(["recipes", "--show", "translate"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["tokenizer"]["kind"] == "bpe"

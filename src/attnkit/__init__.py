@@ -1,3 +1,14 @@
 """attnkit: the Transformer and the attention family from scratch in PyTorch."""
 
 __version__ = "0.1.0"
+
+__all__ = ["from_pretrained", "save_pretrained"]
+
+
+def __getattr__(name: str):
+    """``attnkit.from_pretrained`` / ``attnkit.save_pretrained`` (Hugging Face directories),
+    imported on first use so that ``import attnkit`` stays light."""
+    if name in __all__:
+        from attnkit.convert import hf
+        return getattr(hf, name)
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")

@@ -23,6 +23,7 @@ EPILOG = """examples:
   attnkit energy estimate --paper
   attnkit energy report runs/copy-20261124-101500 runs/copy-20261124-113000 --plot cost.png
   attnkit viz runs/translate-20261124-101500 "Ein Hund läuft." --view head -o head.html
+  attnkit generate models/gpt2 "The meaning of life is" --top-p 0.9 --seed 1
 
 --set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
 are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
@@ -53,17 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
     tr.add_argument("--greedy", action="store_true", help="greedy decoding")
 
+    _add_generate(sub)
+
     r = sub.add_parser("recipes", help="list recipes, or show one's default config")
     r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
 
     v = sub.add_parser("viz", help="attention views as one offline HTML file (and a PNG)")
-    v.add_argument("run", help="run directory")
-    v.add_argument("text", help="source text")
-    v.add_argument("--target", help="target text (default: the model's greedy output)")
-    v.add_argument("--pair", help="second text: the target of an encoder-decoder model")
+    v.add_argument("run", metavar="PATH",
+                   help="attnkit run directory, or Hugging Face model directory (gpt2, bert, "
+                        "roberta, distilbert)")
+    v.add_argument("text", help="the text (the source of an encoder-decoder model)")
+    v.add_argument("--target", help="target text of an encoder-decoder model (default: its "
+                                    "greedy output)")
+    v.add_argument("--pair", help="second text: sentence B of a BERT-style pair, or the "
+                                  "target of an encoder-decoder model")
     v.add_argument("--view", default="head", help="head, model, neuron or rollout (default head)")
     v.add_argument("--group", action="append", metavar="NAME",
-                   help="attention group to show: encoder, decoder, cross (repeatable)")
+                   help="attention group to show (repeatable): encoder, decoder, cross "
+                        "(Transformer), self (GPT-2), encoder (BERT)")
     v.add_argument("-o", "--output", help="HTML file to write")
     v.add_argument("--png", help="also write a PNG heatmap here")
     v.add_argument("--layer", type=int, default=0, help="layer of the PNG for head/neuron views")
@@ -115,6 +123,78 @@ def _translate(args: argparse.Namespace) -> None:
         print(out, flush=True)
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate text with a language model (run or HF dir)")
+    g.add_argument("model", metavar="RUN_OR_HF_DIR",
+                   help="a language-model run directory or a Hugging Face GPT-2 directory")
+    g.add_argument("prompt", nargs="?", help="the prompt text (or --prompts-file)")
+    g.add_argument("--prompts-file", metavar="F", help="prompts, one a line (batched)")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="CTRL penalty on tokens already seen (1 = off)")
+    g.add_argument("--beams", type=int, default=1, metavar="N", help="beam search with N beams")
+    g.add_argument("--length-penalty", type=float, default=0.6, metavar="A",
+                   help="GNMT length-penalty alpha of beam scores")
+    g.add_argument("--stop", action="append", default=[], metavar="S",
+                   help="stop before this string (repeatable)")
+    g.add_argument("--seed", type=int, help="sampling seed (prompt i of a file uses seed + i)")
+    g.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt longer than the context allows")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="prompts generated together (with --prompts-file)")
+    g.add_argument("--no-stream", action="store_true",
+                   help="print each text when finished instead of token by token")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from attnkit.generation import GenerationConfig, generate_text, load_language_model
+
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.beams == 1,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, num_beams=args.beams,
+        length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed,
+        truncate=args.truncate)
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise UserError("give either a prompt or --prompts-file")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompts_file is not None:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read prompts file {args.prompts_file}: {err}") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"no prompts in {args.prompts_file}")
+    else:
+        prompts = [args.prompt]
+    model, tokenizer = load_language_model(args.model)
+    if len(prompts) == 1 and not args.no_stream:
+        shown = []  # the prompt is printed with the first piece: errors come before any output
+
+        def show(row: int, piece: str) -> None:
+            if not shown:
+                shown.append(sys.stdout.write(prompts[0]))
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        generate_text(model, tokenizer, prompts, cfg, stream=show)
+        print("" if shown else prompts[0], flush=True)
+        return
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        seeded = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + start)
+        for i, out in enumerate(generate_text(model, tokenizer, chunk, seeded)):
+            print(("\n" if start + i else "") + chunk[i] + out, flush=True)
+
+
 def _recipes(args: argparse.Namespace) -> None:
     import json
 
@@ -148,8 +228,7 @@ def _viz(args: argparse.Namespace) -> None:
     if args.target is not None and args.pair is not None:
         raise UserError("give either --target or --pair, not both")
     model, tok = viz.load(args.run)
-    cap = viz.capture_text(model, tok, args.text,
-                           args.target if args.target is not None else args.pair)
+    cap = viz.capture_text(model, tok, args.text, args.target, pair=args.pair)
     for name in args.group or []:
         cap.group(name)
     page = viz.render(cap, args.view, groups=args.group, title=f"{args.view} view: {args.run}")
@@ -164,7 +243,7 @@ def _viz(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
-            "energy": _energy, "viz": _viz}
+            "energy": _energy, "viz": _viz, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,3 +22,51 @@ def label_smoothed_nll(logits: Tensor, target: Tensor, epsilon: float = 0.1,
     loss = F.cross_entropy(flat_logits, flat_target, ignore_index=ignore_index,
                            label_smoothing=epsilon, reduction="sum")
     return loss, int((flat_target != ignore_index).sum())
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100
+                   ) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the scored (masked) positions and their number.
+
+    BERT's MLM objective (Devlin et al. 2019, section 3.1): only the selected tokens are
+    predicted. logits (..., V) and labels (...) with ``ignore_index`` where not scored; or
+    logits (N, V) of the scored positions only with their N labels.
+    """
+    flat = logits.reshape(-1, logits.size(-1))
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    target = labels.reshape(-1)
+    loss = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="sum")
+    return loss, int((target != ignore_index).sum())
+
+
+def distillation_loss(student_logits: Tensor | None, teacher_logits: Tensor | None,
+                      labels: Tensor | None, student_hidden: Tensor, teacher_hidden: Tensor, *,
+                      temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
+                      alpha_cos: float = 1.0) -> dict[str, Tensor]:
+    """DistilBERT's triple loss (Sanh et al. 2019, section 2; defaults of the reference code).
+
+    ``ce = T^2 * KL(p_t || p_s)`` averaged over the N scored positions, with p = softmax(z / T)
+    (the reference's ``KLDivLoss(log_softmax(z_s / T), softmax(z_t / T), "batchmean")``);
+    ``mlm`` = mean cross-entropy of the student against ``labels``; ``cos`` = mean of
+    1 - cos(h_s, h_t) over the M real positions' last hidden states.
+    Logits (N, V) of the scored positions, labels (N,); hidden states (M, C). Returns the
+    weighted ``loss`` = alpha_ce * ce + alpha_mlm * mlm + alpha_cos * cos and each part;
+    a term whose alpha is 0 (or whose inputs are None) is left out.
+    """
+    parts: dict[str, Tensor] = {}
+    if alpha_ce and student_logits is not None and teacher_logits is not None:
+        log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        pt = F.softmax(teacher_logits.float() / temperature, dim=-1)
+        kl = F.kl_div(log_ps, pt, reduction="sum") / max(1, student_logits.size(0))
+        parts["ce"] = kl * temperature ** 2
+    if alpha_mlm and student_logits is not None and labels is not None:
+        total, n = masked_lm_loss(student_logits, labels)
+        parts["mlm"] = total / max(1, n)
+    if alpha_cos:
+        cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+        parts["cos"] = (1.0 - cos).mean()
+    weights = {"ce": alpha_ce, "mlm": alpha_mlm, "cos": alpha_cos}
+    parts["loss"] = sum((weights[k] * v for k, v in parts.items()),
+                        student_hidden.new_zeros(()))
+    return parts

@@ -11,26 +11,43 @@ Three kinds can be trained:
 - ``wordpiece``: BERT-style WordPiece (Devlin et al. 2019): BERT normalisation and
   pre-tokenisation (split on whitespace and punctuation), continuation pieces marked ``##``.
   Cased by default (``lowercase=True`` gives the uncased variant).
+- ``bytelevel``: byte-level BPE as GPT-2 and RoBERTa (Radford et al. 2019, section 2.2): text
+  is UTF-8 bytes, each shown as a printable character (a space is ``Ġ``), so with the full
+  256-byte alphabet (``vocab_size`` >= 261) every text encodes without ``[UNK]`` and
+  ``decode(encode(s)) == s`` exactly. A smaller vocabulary keeps only the bytes seen in
+  training and maps the others to ``[UNK]``.
 
 Every tokenizer trained here has ``[PAD]``=0, ``[BOS]``=1, ``[EOS]``=2, ``[UNK]``=3 and
 ``[MASK]``=4 (for masked language modelling; BOS/EOS double as BERT's CLS/SEP). A
 ``tokenizer.json`` from elsewhere can be loaded too; its special ids are then looked up by
-name and may differ (see :attr:`Tokenizer.standard_ids`).
+name and may differ (see :attr:`Tokenizer.standard_ids`). :func:`load_pretrained_tokenizer`
+reads a checkpoint directory (``tokenizer.json``, or BERT's ``vocab.txt``, or GPT-2/RoBERTa's
+``vocab.json`` + ``merges.txt``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from attnkit.config import unknown
 from attnkit.errors import UserError
 
-KINDS = ("char", "wordpiece", "bpe")
+KINDS = ("char", "wordpiece", "bpe", "bytelevel")
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]")
 
 # Names under which other tokenizer.json files keep their special tokens (first found wins).
@@ -65,7 +82,21 @@ def _build(kind: str, vocab_size: int, min_frequency: int, lowercase: bool
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece(prefix="##")
         return backend, trainers.WordPieceTrainer(**common, continuing_subword_prefix="##")
+    if kind == "bytelevel":
+        backend = _bytelevel_backend(models.BPE(unk_token="[UNK]"), add_prefix_space=False)
+        alphabet = (pre_tokenizers.ByteLevel.alphabet()
+                    if vocab_size >= len(SPECIAL_TOKENS) + 256 else [])
+        return backend, trainers.BpeTrainer(**common, initial_alphabet=alphabet)
     raise unknown("tokenizer kind", kind, KINDS)
+
+
+def _bytelevel_backend(model: models.Model, add_prefix_space: bool) -> tokenizers.Tokenizer:
+    """GPT-2's byte-level pipeline around a BPE model; offsets trimmed of the leading space."""
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    return backend
 
 
 def _infer_kind(backend: tokenizers.Tokenizer) -> str:
@@ -73,6 +104,9 @@ def _infer_kind(backend: tokenizers.Tokenizer) -> str:
     model = type(backend.model).__name__
     if model == "WordLevel" and isinstance(backend.pre_tokenizer, pre_tokenizers.Split):
         return "char"
+    pre = backend.pre_tokenizer
+    if model == "BPE" and pre is not None and b'"ByteLevel"' in pre.__getstate__():
+        return "bytelevel"
     return {"BPE": "bpe", "WordPiece": "wordpiece"}.get(model, model.lower())
 
 
@@ -138,6 +172,8 @@ class Tokenizer:
         except Exception as err:  # the Rust side raises plain Exception
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"{path} is not a valid tokenizer.json: {msg}") from None
+        backend.no_truncation()  # HF files may pin a length (all-MiniLM: pad/cut to 128):
+        backend.no_padding()     # encode here means "the ids of this text", nothing more
         return cls(backend, _infer_kind(backend))
 
     def save(self, path: str | Path) -> None:
@@ -164,9 +200,44 @@ class Tokenizer:
         """Token ids of each text (in parallel inside the Rust backend)."""
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` and each token's (start, end) character span in ``text``.
+
+        For visualisation and token classification (word labels -> token labels). Byte-level
+        tokens do not count their leading space; a character split over several byte-level
+        tokens gives each of them that character's span.
+        """
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
+    def encode_pair(self, a: str, b: str, max_len: int | None = None
+                    ) -> tuple[list[int], list[int]]:
+        """BERT's sentence pair: ``[CLS] a [SEP] b [SEP]`` (BOS/EOS ids) and its token types.
+
+        Token types are 0 up to the first separator, 1 after it. With ``max_len`` the longer
+        side loses its last token until the pair fits (BERT's ``truncate_seq_pair``; the
+        second side on ties).
+        """
+        if self.bos_id is None or self.eos_id is None:
+            raise UserError("encode_pair needs BOS/CLS and EOS/SEP tokens in the vocabulary")
+        ta, tb = self.encode(a), self.encode(b)
+        if max_len is not None:
+            if max_len < 3:
+                raise UserError(f"encode_pair needs max_len >= 3, got {max_len}")
+            while len(ta) + len(tb) > max_len - 3:
+                (ta if len(ta) > len(tb) else tb).pop()
+        ids = [self.bos_id, *ta, self.eos_id, *tb, self.eos_id]
+        return ids, [0] * (len(ta) + 2) + [1] * (len(tb) + 1)
+
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``: stops at the first EOS, drops PAD and BOS; UNK shows as [UNK]."""
+        """Text of ``ids``: stops at the first EOS, drops PAD and BOS; UNK shows as [UNK].
+
+        When one token is both BOS and EOS (GPT-2's ``<|endoftext|>``), a leading one is read
+        as BOS and skipped, and the next one ends the text.
+        """
         out = []
+        if self.bos_id == self.eos_id and len(ids) and int(ids[0]) == self.bos_id:
+            ids = ids[1:]
         for i in ids:
             i = int(i)
             if i == self.eos_id:
@@ -184,3 +255,95 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+# -- checkpoint directories -------------------------------------------------------------------
+_BERT_SPECIALS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                  "cls_token": "[CLS]", "mask_token": "[MASK]"}
+_BYTELEVEL_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                       "pad_token": "<pad>", "mask_token": "<mask>"}
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``; {} when absent; UserError when unreadable."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {file}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object")
+    return data
+
+
+def _special_names(conf: dict, defaults: dict[str, str]) -> list[str]:
+    """Special-token strings named in tokenizer_config.json (plain or {"content": ...})."""
+    names = []
+    for key, default in defaults.items():
+        value = conf.get(key, default)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            names.append(value)
+    return names
+
+
+def _add_specials(backend: tokenizers.Tokenizer, names: Iterable[str]) -> None:
+    """Register the names found in the vocabulary as special tokens (never split)."""
+    found = [n for n in dict.fromkeys(names) if backend.token_to_id(n) is not None]
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in found])
+
+
+def _from_model_files(kind: str, build) -> tokenizers.Tokenizer:
+    try:
+        return build()
+    except Exception as err:  # the Rust side raises plain Exception
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read the {kind} vocabulary: {msg}") from None
+
+
+def _wordpiece_from_vocab(vocab: Path, conf: dict) -> Tokenizer:
+    """BERT's tokenizer from vocab.txt, normalised as tokenizer_config.json says."""
+    unk = _special_names(conf, {"unk_token": "[UNK]"})[0]
+    model = _from_model_files("WordPiece", lambda: models.WordPiece.from_file(
+        str(vocab), unk_token=unk, max_input_chars_per_word=100))
+    backend = tokenizers.Tokenizer(model)
+    lowercase = bool(conf.get("do_lower_case", True))  # BertTokenizer's default
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=bool(conf.get("tokenize_chinese_chars", True)),
+        strip_accents=conf.get("strip_accents"), lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    _add_specials(backend, _special_names(conf, _BERT_SPECIALS))
+    return Tokenizer(backend, "wordpiece")
+
+
+def _bytelevel_from_files(vocab: Path, merges: Path, conf: dict) -> Tokenizer:
+    """GPT-2 / RoBERTa byte-level BPE from vocab.json + merges.txt."""
+    model = _from_model_files("byte-level BPE", lambda: models.BPE.from_file(str(vocab),
+                                                                             str(merges)))
+    backend = _bytelevel_backend(model, bool(conf.get("add_prefix_space", False)))
+    _add_specials(backend, [*_special_names(conf, _BYTELEVEL_SPECIALS), "<|endoftext|>"])
+    return Tokenizer(backend, "bytelevel")
+
+
+def load_pretrained_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer of a checkpoint directory, or None when it has no tokenizer files.
+
+    Reads, first found: ``tokenizer.json``; BERT's ``vocab.txt`` (WordPiece with BERT
+    normalisation; ``tokenizer_config.json``'s ``do_lower_case``, ``strip_accents`` and
+    ``tokenize_chinese_chars`` honoured, lower-cased by default as ``BertTokenizer``); GPT-2 /
+    RoBERTa's ``vocab.json`` + ``merges.txt`` (byte-level BPE). Special ids are looked up by
+    name (e.g. [CLS] = BOS, [SEP] = EOS for BERT; see :attr:`Tokenizer.standard_ids`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"not a checkpoint directory: {path}")
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.load(path / "tokenizer.json")
+    conf = _read_json(path / "tokenizer_config.json")
+    if (path / "vocab.txt").is_file():
+        return _wordpiece_from_vocab(path / "vocab.txt", conf)
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return _bytelevel_from_files(path / "vocab.json", path / "merges.txt", conf)
+    return None

@@ -8,7 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.config import apply_overrides, from_dict, load_json, to_dict, unknown
-from attnkit.recipes import copy, math, translate
+from attnkit.recipes import (
+    act,
+    copy,
+    distil,
+    finetune,
+    finetune_lm,
+    lm,
+    math,
+    ntm,
+    pointer,
+    pretrain,
+    translate,
+    xl_lm,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,26 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            translate.defaults, translate.main, translate.evaluate),
     Recipe("copy", "synthetic copy / reverse / sort strings, exact match on longer inputs",
            copy.defaults, copy.main, copy.evaluate),
+    Recipe("lm", "language model on any text (default tiny Shakespeare), perplexity and bpc",
+           lm.defaults, lm.main, lm.evaluate),
+    Recipe("finetune-lm", "fine-tune a Hugging Face GPT-2 on documents (init=DIR), generate",
+           finetune_lm.defaults, finetune_lm.main, finetune_lm.evaluate),
+    Recipe("pointer-sort", "pointer network sorting number lists, exact-sort accuracy by length",
+           pointer.defaults, pointer.main, pointer.evaluate),
+    Recipe("ntm-copy", "neural Turing machine on the copy task, bit errors at 2x the length",
+           ntm.defaults, ntm.main, ntm.evaluate),
+    Recipe("act-parity", "adaptive computation time on parity vectors, accuracy and ponder",
+           act.defaults, act.main, act.evaluate),
+    Recipe("xl-lm", "Transformer-XL / adaptive span / all-attention LM with segment memory, bpc",
+           xl_lm.defaults, xl_lm.main, xl_lm.evaluate),
+    Recipe("bert-pretrain", "BERT pre-training (MLM + NSP) on any text, held-out MLM accuracy",
+           pretrain.bert_defaults, pretrain.main, pretrain.evaluate),
+    Recipe("roberta-pretrain", "RoBERTa pre-training (dynamic masks, full sentences, no NSP)",
+           pretrain.roberta_defaults, pretrain.main, pretrain.evaluate),
+    Recipe("distil", "DistilBERT distillation of a BERT teacher, side-by-side comparison",
+           distil.defaults, distil.main, distil.evaluate),
+    Recipe("finetune", "fine-tune a BERT-family encoder: classify / tokens / qa on CSV/JSONL",
+           finetune.defaults, finetune.main, finetune.evaluate),
 )}
 
 

@@ -27,7 +27,10 @@ from attnkit.losses import label_smoothed_nll
 from attnkit.models import build_seq2seq, check_seq2seq
 from attnkit.tokenizers import KINDS, Tokenizer
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import latest_checkpoint, load_weights, write_json_atomic
+from attnkit.train.checkpoint import (
+    load_run_weights,
+    write_json_atomic,
+)
 from attnkit.train.loop import TrainConfig, fit
 
 Pairs = list[tuple[str, str]]
@@ -35,7 +38,7 @@ Pairs = list[tuple[str, str]]
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["char", "wordpiece", "bpe"] = "char"
+    kind: Literal["char", "wordpiece", "bpe", "bytelevel"] = "char"
     vocab_size: int = 8000        # ignored for char
     path: str = ""                # a tokenizer.json to use instead of training one
 
@@ -174,11 +177,7 @@ def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best") -
     src_vocab, tgt_vocab = config.pop("src_vocab_size"), config.pop("tgt_vocab_size")
     model, _ = build_seq2seq(spec["family"], record["config"]["preset"], config, src_vocab,
                              tgt_vocab)
-    best = run_dir / "checkpoints" / "best.safetensors"
-    path = best if which == "best" and best.exists() else latest_checkpoint(run_dir)
-    if path is None:
-        raise UserError(f"{run_dir} has no checkpoint")
-    load_weights(path, model)
+    load_run_weights(run_dir, model, which)
     return model.eval()
 
 

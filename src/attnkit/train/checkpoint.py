@@ -23,7 +23,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -219,6 +219,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The weights path of the newest complete checkpoint (weights and state), or None."""
     found = _complete_steps(run_dir)
     return found[-1][1] if found else None
+
+
+def load_run_weights(run_dir: str | Path, model: nn.Module,
+                     which: Literal["best", "latest"] = "best") -> Path:
+    """Load a run's ``best`` checkpoint (the latest when it has none) or its ``latest`` one
+    into ``model``; returns the weights path. One-line UserError when there is no checkpoint."""
+    best = checkpoint_dir(run_dir) / "best.safetensors"
+    path = best if which == "best" and best.exists() else latest_checkpoint(run_dir)
+    if path is None:
+        raise UserError(f"{run_dir} has no checkpoint")
+    load_weights(path, model)
+    return path
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict,

@@ -1,8 +1,10 @@
 """Capture a model's attention for visualisation: one plain dataclass for every model family.
 
-A family plugs in with one *capture function* ``(model, src_ids, tgt_ids) -> Capture`` entered
+A family plugs in with one *capture function* ``(model, inputs: Inputs) -> Capture`` entered
 in :data:`CAPTURES` (model class -> function). The views, analyses and plots only ever read a
-:class:`Capture`, so they work for any family that provides one.
+:class:`Capture`, so they work for any family that provides one. Families: the encoder-decoder
+Transformer (groups encoder, decoder, cross), the attentional RNN (cross), GPT-2 (self, causal)
+and BERT / RoBERTa / DistilBERT (encoder).
 
 Notation: L layers, H heads, T query (row) tokens, S key (column) tokens, D head size.
 Queries and keys come from forward hooks on the attention projections (``qkv_proj`` for
@@ -12,13 +14,16 @@ self-attention, ``q_proj``/``kv_proj`` for cross-attention); the model code is n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
+from attnkit.models.bert import BertForPreTraining, BertModel, encoder_of
+from attnkit.models.gpt2 import GPT2
+from attnkit.models.rnn import RNNSeq2Seq
 from attnkit.models.transformer import Transformer
 
 
@@ -71,6 +76,22 @@ class Capture:
         return self.groups[name]
 
 
+@dataclass
+class Inputs:
+    """The token ids a capture function runs and the strings that label them.
+
+    ``ids`` is the (encoder's, or only) sequence; ``tgt`` the decoder inputs BOS y1 .. yn of an
+    encoder-decoder model (empty otherwise); ``token_types`` BERT's segment ids (0 for sentence
+    A, 1 for B) or None.
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    tgt: list[int] = field(default_factory=list)
+    tgt_tokens: list[str] = field(default_factory=list)
+    token_types: list[int] | None = None
+
+
 class _Recorder:
     """Forward hooks that keep the output of chosen linear layers, in call order."""
 
@@ -94,13 +115,13 @@ def _heads(x: Tensor, n_heads: int) -> Tensor:
     return x[0].view(t, n_heads, c // n_heads).transpose(0, 1)
 
 
-def capture_transformer(model: Transformer, src: Sequence[int], tgt_in: Sequence[int],
-                        src_tokens: list[str], tgt_tokens: list[str]) -> Capture:
+def capture_transformer(model: Transformer, inputs: Inputs) -> Capture:
     """Encoder, decoder and cross attention of attnkit's encoder-decoder Transformer.
 
-    ``src`` are the source ids, ``tgt_in`` the decoder inputs (BOS y1 .. yn); the token
-    strings label rows and columns.
+    ``inputs.ids`` are the source ids, ``inputs.tgt`` the decoder inputs (BOS y1 .. yn).
     """
+    src, tgt_in = inputs.ids, inputs.tgt
+    src_tokens, tgt_tokens = inputs.tokens, inputs.tgt_tokens
     h = model.cfg.n_heads
     hooks: dict[str, nn.Module] = {}
     for i, block in enumerate(model.encoder):
@@ -142,19 +163,77 @@ def capture_transformer(model: Transformer, src: Sequence[int], tgt_in: Sequence
     return Capture(groups)
 
 
-# model class -> capture function; a new family adds one entry
-CAPTURES: dict[type, Callable[..., Capture]] = {Transformer: capture_transformer}
+def capture_rnn(model: RNNSeq2Seq, inputs: Inputs) -> Capture:
+    """The alignment a_ij of an attentional RNN encoder-decoder (Bahdanau or Luong) as the
+    "cross" group: one layer, one head, rows the decoder inputs, columns the source tokens."""
+    if model.cfg.attention == "none":
+        raise UserError("the RNN without attention (model rnn) has no attention to show")
+    with torch.no_grad():
+        out = model(torch.tensor([inputs.ids]), torch.tensor([inputs.tgt]), need_weights=True)
+    weights = out.cross_weights[0][0]  # (1, T, S)
+    return Capture({"cross": AttentionGroup("cross", [weights], inputs.tgt_tokens,
+                                            inputs.tokens)})
 
 
-def capture(model: nn.Module, src: Sequence[int], tgt_in: Sequence[int],
-            src_tokens: list[str], tgt_tokens: list[str]) -> Capture:
-    """Dispatch to the capture function of ``model``'s family."""
+def _self_attention(blocks: nn.ModuleList, run: Callable[[], list[Tensor]], n_heads: int
+                    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Run ``run()`` (-> L weights (1, H, T, T)) with hooks on every block's fused ``qkv_proj``;
+    return the weights (H, T, T), queries and keys (H, T, D) of each layer."""
+    rec = _Recorder({f"l{i}": block.self_attn.qkv_proj for i, block in enumerate(blocks)})
+    try:
+        with torch.no_grad():
+            weights = run()
+    finally:
+        rec.remove()
+    qk = [rec.outputs[f"l{i}"][0].chunk(3, dim=-1)[:2] for i in range(len(blocks))]
+    return ([w[0] for w in weights], [_heads(q, n_heads) for q, _ in qk],
+            [_heads(k, n_heads) for _, k in qk])
+
+
+def capture_gpt2(model: GPT2, inputs: Inputs) -> Capture:
+    """GPT-2's causal self-attention (Radford et al. 2019) as one group, "self": query i sees
+    keys j <= i; q and k come from each block's fused ``qkv_proj``."""
+    cfg, ids = model.config, torch.tensor([inputs.ids])  # (1, T)
+    weights, queries, keys = _self_attention(
+        model.blocks, lambda: model(ids, need_weights=True).attentions, cfg.n_heads)
+    t = len(inputs.ids)
+    return Capture({"self": AttentionGroup(
+        "self", weights, inputs.tokens, inputs.tokens, queries, keys,
+        torch.ones(t, t, dtype=torch.bool).tril(), 1.0 / math.sqrt(cfg.head_dim))})
+
+
+def capture_bert(model: BertModel | BertForPreTraining, inputs: Inputs) -> Capture:
+    """The bidirectional self-attention of BERT, RoBERTa or DistilBERT (its encoder, with or
+    without pre-training heads) as one group, "encoder"; token types go to BERT's segment
+    embedding (RoBERTa and DistilBERT have none to speak of)."""
+    enc = encoder_of(model)
+    ids = torch.tensor([inputs.ids])  # (1, S)
+    types = None
+    if inputs.token_types is not None and enc.token_types is not None:
+        types = torch.tensor([inputs.token_types])
+    weights, queries, keys = _self_attention(
+        enc.layers, lambda: enc(ids, token_type_ids=types, need_weights=True).attentions,
+        enc.arch.n_heads)
+    return Capture({"encoder": AttentionGroup(
+        "encoder", weights, inputs.tokens, inputs.tokens, queries, keys, None,
+        1.0 / math.sqrt(enc.arch.d_model // enc.arch.n_heads))})
+
+
+# model class -> capture function; a new family adds one entry (DistilBERT's classes are
+# subclasses of BERT's)
+CAPTURES: dict[type, Callable[[nn.Module, Inputs], Capture]] = {
+    Transformer: capture_transformer, RNNSeq2Seq: capture_rnn, GPT2: capture_gpt2,
+    BertModel: capture_bert, BertForPreTraining: capture_bert}
+
+
+def capture(model: nn.Module, inputs: Inputs) -> Capture:
+    """Dispatch to the capture function of ``model``'s family (in eval mode, restored after)."""
     for cls, fn in CAPTURES.items():
         if isinstance(model, cls):
             was_training = model.training
             model.eval()
             try:
-                return fn(model, src, tgt_in, src_tokens, tgt_tokens)
+                return fn(model, inputs)
             finally:
                 model.train(was_training)
     raise UserError(f"attnkit.viz cannot capture attention of {type(model).__name__} yet "

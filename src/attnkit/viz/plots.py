@@ -23,6 +23,8 @@ def _pyplot():
 
 
 def _labels(ax, rows: list[str], cols: list[str]) -> None:
+    # tokens are text: a "$" would otherwise start matplotlib mathtext (GPT-2 has "$" tokens)
+    rows, cols = ([t.replace("$", r"\$") for t in names] for names in (rows, cols))
     if len(cols) <= LABEL_LIMIT:
         ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=6)
     else:

@@ -1,0 +1,250 @@
+"""Hugging Face checkpoint directories <-> attnkit models.
+
+A Hugging Face directory holds ``config.json`` (with ``model_type``), the weights
+(``model.safetensors``, a sharded ``model.safetensors.index.json``, or the older
+``pytorch_model.bin``) and usually ``tokenizer.json``. Conversion is a pure mapping from one state
+dict to another, done by a *family module* listed in :data:`FAMILIES` (imported lazily) that
+provides:
+
+- ``MODEL_TYPES``: the Hugging Face ``model_type`` values it reads;
+- ``config_from_hf(hf: dict) -> config``: UserError naming any unsupported option;
+- ``config_to_hf(cfg) -> dict``: a ``config.json`` transformers loads (``model_type``,
+  ``architectures``);
+- ``build(cfg) -> nn.Module``;
+- ``state_from_hf(sd, cfg) -> dict``: our state dict. It drops known non-persistent buffers
+  (GPT-2's ``attn.bias``) and keeps keys it does not know under their Hugging Face names, so that
+  they are reported as unexpected;
+- ``state_to_hf(sd, cfg) -> dict``: the Hugging Face state dict (tied weights stored once, as
+  transformers saves them); it maps any subset of keys;
+- ``family_of(model) -> bool`` or ``CONFIG_TYPES``: which modules :func:`save_pretrained` may
+  write with it.
+
+:func:`from_pretrained` checks the key sets and shapes and names every missing, unexpected or
+mismatched tensor in a one-line :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit.config import unknown
+from attnkit.errors import UserError
+
+FAMILIES: dict[str, str] = {
+    "gpt2": "attnkit.convert.gpt2",
+    "bert": "attnkit.convert.bert",
+    "roberta": "attnkit.convert.bert",
+    "distilbert": "attnkit.convert.bert",
+}
+CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+TORCH_BIN = "pytorch_model.bin"
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class Pretrained:
+    """What :func:`from_pretrained` returns."""
+
+    model: nn.Module
+    config: Any            # the family's attnkit config (e.g. GPT2Config)
+    tokenizer: Any | None  # attnkit.tokenizers.Tokenizer, or None without tokenizer.json
+    model_type: str        # the Hugging Face model_type
+
+
+def family_module(model_type: str) -> ModuleType:
+    """The family module converting Hugging Face ``model_type`` (UserError when unknown)."""
+    if model_type not in FAMILIES:
+        raise unknown("Hugging Face model_type", model_type, FAMILIES)
+    return importlib.import_module(FAMILIES[model_type])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_hf_config(path: Path) -> dict:
+    """``config.json`` of a Hugging Face directory, as a dict with a ``model_type``."""
+    if not path.exists():
+        raise UserError(f"no such directory: {path}")
+    if not path.is_dir():
+        raise UserError(f"expected a Hugging Face model directory, got a file: {path}")
+    file = path / CONFIG
+    if not file.is_file():
+        raise UserError(f"{path} has no {CONFIG}: not a Hugging Face model directory")
+    try:
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {file}: {_first_line(err)}") from None
+    if not isinstance(hf, dict) or not isinstance(hf.get("model_type"), str):
+        raise UserError(f"{file} has no model_type")
+    return hf
+
+
+def _load_file(file: Path) -> dict[str, torch.Tensor]:
+    """One weights file (safetensors or a torch pickle read with ``weights_only``)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(file), device="cpu")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # both libraries raise many kinds for a damaged file
+        raise UserError(f"corrupt or unreadable weights {file}: {_first_line(err)}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserError(f"corrupt weights {file}: expected a dict of tensors")
+    return state
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read the shard index {index}: {_first_line(err)}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise UserError(f"shard {shard} listed in {index.name} is missing from "
+                            f"{index.parent}")
+        state.update(_load_file(index.parent / shard))
+    return state
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of directory ``path`` (safetensors preferred)."""
+    for name in (SAFETENSORS, TORCH_BIN):
+        if (path / name).is_file():
+            return _load_file(path / name)
+        if (path / f"{name}.index.json").is_file():
+            return _load_sharded(path / f"{name}.index.json")
+    raise UserError(f"{path} has no weights ({SAFETENSORS} or {TORCH_BIN})")
+
+
+def _names(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_state(state: dict[str, torch.Tensor], model: nn.Module, where: str,
+                hf_name: Any = None) -> None:
+    """UserError naming missing, unexpected and differently shaped tensors (one line)."""
+    target = model.state_dict()
+    hf_name = hf_name or (lambda key: key)
+    missing = sorted(hf_name(k) for k in set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(f"{hf_name(k)} {tuple(state[k].shape)} vs {tuple(t.shape)}"
+                    for k, t in target.items()
+                    if k in state and tuple(state[k].shape) != tuple(t.shape))
+    problems = [f"{label}: {_names(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected),
+                 ("shape mismatch (file vs model)", shapes)) if items]
+    if problems:
+        raise UserError(f"weights in {where} do not fit the model: " + "; ".join(problems))
+
+
+def _hf_namer(family: ModuleType, target: dict[str, torch.Tensor], cfg: Any) -> Any:
+    """Our key -> its Hugging Face name (for messages), or our key when unmappable."""
+    def name(key: str) -> str:
+        try:
+            mapped = list(family.state_to_hf({key: target[key]}, cfg))
+        except Exception:  # noqa: BLE001 - only a nicer name for an error message
+            return key
+        return mapped[0] if len(mapped) == 1 else key
+    return name
+
+
+def from_pretrained(path: str | Path, *, family: str | None = None) -> Pretrained:
+    """Load a Hugging Face model directory as an attnkit model (eval mode) and tokenizer.
+
+    ``family`` overrides the directory's ``model_type`` (e.g. a fine-tuned model saved with an
+    unusual type name that is architecturally one of ours).
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    model_type = family or hf["model_type"]
+    fam = family_module(model_type)
+    cfg = fam.config_from_hf(hf)
+    model = fam.build(cfg)
+    state = fam.state_from_hf(read_hf_weights(path), cfg)
+    check_state(state, model, str(path), _hf_namer(fam, model.state_dict(), cfg))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    from attnkit.tokenizers import load_pretrained_tokenizer
+    return Pretrained(model, cfg, load_pretrained_tokenizer(path), model_type)
+
+
+def family_for(model: nn.Module) -> ModuleType:
+    """The family module that can save ``model`` (UserError when none can)."""
+    model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    for module_path in dict.fromkeys(FAMILIES.values()):
+        try:
+            fam = importlib.import_module(module_path)
+        except ImportError:
+            continue
+        check = getattr(fam, "family_of", None)
+        if check is not None and check(model):
+            return fam
+        types = getattr(fam, "CONFIG_TYPES", ())
+        if types and isinstance(getattr(model, "config", None), types):
+            return fam
+    raise UserError(f"cannot save a {type(model).__name__} in Hugging Face format; "
+                    f"supported families: {', '.join(sorted(FAMILIES))}")
+
+
+def _write_dir(tmp: Path, model: nn.Module, fam: ModuleType, tokenizer: Any) -> None:
+    from safetensors.torch import save_file
+    cfg = getattr(model, "config", None) or model.cfg
+    hf = fam.config_to_hf(cfg)
+    if tokenizer is not None:
+        for name in ("bos", "eos", "pad"):
+            if getattr(tokenizer, f"{name}_id", None) is not None:
+                hf[f"{name}_token_id"] = int(getattr(tokenizer, f"{name}_id"))
+        tokenizer.save(tmp / TOKENIZER)
+    state = fam.state_to_hf(model.state_dict(), cfg)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None, *,
+                    overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a Hugging Face directory transformers can load.
+
+    Written atomically: into a temporary directory beside ``path``, then renamed. An existing
+    non-empty ``path`` is refused unless ``overwrite``; on failure nothing changes.
+    """
+    path = Path(path)
+    fam = family_for(model)
+    model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    try:
+        _write_dir(tmp, model, fam, tokenizer)
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous directory back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path

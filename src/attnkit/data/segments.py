@@ -1,0 +1,245 @@
+"""Transformer-XL batching: B parallel contiguous token streams cut into consecutive segments.
+
+The token stream is cut into ``batch_size`` equal contiguous rows (the tail that does not fill
+a row is dropped); row b is read left to right in segments of ``seg_len`` tokens, and batch k
+holds segment k of every row, so the memory a model keeps from batch k is exactly the context
+of batch k + 1 (Dai et al. 2019, section 3.2; the original ``LMOrderedIterator``).
+
+Memory reset rules (training, :class:`SegmentStream`):
+
+- the memory lives in the stream's :class:`MemoryCarry`, which the loss function reads before
+  and writes after each segment (``batch.carry``);
+- it is dropped (``batch.reset`` is True) at the first segment of every pass over the data:
+  when the stream wraps around, the next segment does not follow the previous one;
+- it is saved in :meth:`SegmentStream.state_dict`, so a resumed run continues with the memory
+  it had (bitwise equal to an uninterrupted run). Under torch.distributed each rank keeps the
+  memory of its own rows and the checkpoint (written by rank 0) cannot hold the others': a
+  resume with several processes starts with an empty memory (one segment of less context).
+
+Evaluation (:func:`score_segments`) reads held-out text the same way (one row by default, so
+every character is scored) with the memory carried across all its segments, and reports bits
+per character.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attnkit.errors import UserError
+
+
+@dataclass
+class MemoryCarry:
+    """The recurrence memory carried from one segment to the next (per layer (B, M, C))."""
+
+    mems: list[Tensor] | None = None
+
+
+@dataclass
+class SegmentBatch:
+    """Segment k of every row: inputs, next-token targets, and the memory to continue from."""
+
+    ids: Tensor  # (B, T) int64
+    targets: Tensor  # (B, T) int64
+    reset: bool = False  # True: this segment does not continue the previous one
+    carry: MemoryCarry = field(default_factory=MemoryCarry)
+
+    def to(self, device: torch.device | str) -> SegmentBatch:
+        return SegmentBatch(self.ids.to(device), self.targets.to(device), self.reset,
+                            self.carry)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.targets.numel()
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def shard(self, rank: int, world: int) -> SegmentBatch:
+        """Rows ``rank::world`` (data parallel); a rank's carry then holds its rows only."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of size {world}")
+        return SegmentBatch(self.ids[rank::world], self.targets[rank::world], self.reset,
+                            self.carry)
+
+
+def stream_rows(stream: Tensor, batch_size: int) -> Tensor:
+    """(B, N // B) contiguous rows of a 1-D token stream (the tail is dropped)."""
+    if stream.dim() != 1:
+        raise UserError(f"expected a 1-D token stream, got shape {tuple(stream.shape)}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(stream) // batch_size
+    if n < 2:
+        raise UserError(f"{len(stream)} tokens cannot fill {batch_size} rows of 2 tokens")
+    return stream[: n * batch_size].view(batch_size, n)
+
+
+class SegmentStream:
+    """Endless, exactly resumable stream of :class:`SegmentBatch` for :func:`fit`."""
+
+    def __init__(self, stream: Tensor, batch_size: int, seg_len: int) -> None:
+        if seg_len < 1:
+            raise UserError(f"seg_len must be >= 1, got {seg_len}")
+        self.rows = stream_rows(stream.long(), batch_size)
+        self.batch_size, self.seg_len = batch_size, seg_len
+        self.n_segments = (self.rows.size(1) - 1) // seg_len  # full segments per pass
+        if self.n_segments < 1:
+            raise UserError(f"the training text has {len(stream)} tokens: {batch_size} rows of "
+                            f"{self.rows.size(1)} cannot hold one segment of {seg_len} + 1 "
+                            "(lower seg_len or batch_size)")
+        self.index = 0  # the next segment to yield (counting over all passes)
+        self.carry = MemoryCarry()
+
+    def segment(self, k: int) -> SegmentBatch:
+        """Batch number ``k``: segment k mod n_segments of every row."""
+        pos = k % self.n_segments
+        start = pos * self.seg_len
+        window = self.rows[:, start: start + self.seg_len + 1]
+        return SegmentBatch(window[:, :-1].contiguous(), window[:, 1:].contiguous(),
+                            reset=pos == 0, carry=self.carry)
+
+    def __iter__(self) -> Iterator[SegmentBatch]:
+        while True:
+            k = self.index
+            self.index += 1  # before yielding: the state names the next batch
+            yield self.segment(k)
+
+    def state_dict(self) -> dict:
+        from attnkit.train import distributed as dist
+        mems = self.carry.mems if dist.world_size() == 1 and self.carry.mems else []
+        return {"index": self.index, "batch_size": self.batch_size, "seg_len": self.seg_len,
+                "n_segments": self.n_segments,
+                "memory": [m.detach().cpu() for m in mems]}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            index = int(state["index"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"invalid segment stream state: {state!r}") from None
+        for key in ("batch_size", "seg_len", "n_segments"):
+            if key in state and state[key] != getattr(self, key):
+                raise UserError(f"the segment stream was saved with {key} {state[key]}, the "
+                                f"data now gives {getattr(self, key)}")
+        self.index = index
+        mems = list(state.get("memory") or [])
+        self.carry.mems = mems or None
+
+
+Forward = Callable[[Tensor, list[Tensor] | None], tuple[Tensor, list[Tensor]]]
+
+
+@dataclass(frozen=True)
+class SegmentScore:
+    """Summed NLL (nats) of ``tokens`` scored targets standing for ``chars`` characters."""
+
+    nll: float
+    tokens: int
+    chars: float
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(1, self.tokens)
+
+    @property
+    def bpc(self) -> float:
+        """Bits per character: total nats / (ln 2 * characters)."""
+        return self.nll / (math.log(2) * max(1e-9, self.chars))
+
+
+def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: int = 1,
+                   chars: int | None = None) -> SegmentScore:
+    """Score every target of ``batch_size`` contiguous rows of ``stream``, segment by segment,
+    carrying the memory: ``forward(ids (B, t), mems) -> (logits (B, t, V), new mems)``.
+
+    ``chars`` is the number of characters the stream stands for (default: its targets); with
+    several rows the dropped tail and row starts are not scored, and the characters are
+    counted in proportion. Gradients are not kept.
+    """
+    import torch.nn.functional as F
+    rows = stream_rows(stream.long(), batch_size)
+    total_targets = len(stream) - 1
+    chars = total_targets if chars is None else chars
+    nll, count, mems = 0.0, 0, None
+    with torch.no_grad():
+        for start in range(0, rows.size(1) - 1, seg_len):
+            window = rows[:, start: start + seg_len + 1]
+            logits, mems = forward(window[:, :-1], mems)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                   window[:, 1:].reshape(-1), reduction="sum")
+            nll, count = nll + float(loss.double()), count + window[:, 1:].numel()
+    return SegmentScore(nll, count, chars * count / max(1, total_targets))
+
+
+# ---- enwik8 / text8 for users ------------------------------------------------------------------
+# Hutter's enwik8 (first 10^8 bytes of an English Wikipedia dump) and Mahoney's text8 (the same
+# cleaned to lowercase letters and spaces); both unzip to exactly 10^8 bytes and are split
+# 90M / 5M / 5M for train / valid / test (Dai et al. 2019; Sukhbaatar et al. 2019).
+CORPORA: dict[str, dict] = {
+    "enwik8": {"url": "http://mattmahoney.net/dc/enwik8.zip", "member": "enwik8",
+               "bytes": 100_000_000, "sha256": ""},
+    "text8": {"url": "http://mattmahoney.net/dc/text8.zip", "member": "text8",
+              "bytes": 100_000_000, "sha256": ""},
+}
+SPLITS = {"train": (0, 90_000_000), "valid": (90_000_000, 95_000_000),
+          "test": (95_000_000, 100_000_000)}
+
+
+def _sha256(path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_corpus(name: str, directory: str = "data") -> dict[str, str]:
+    """Download and unzip enwik8 or text8 into ``directory`` (once), check its size and, when
+    pinned in :data:`CORPORA`, its SHA-256, and write the train/valid/test splits as files;
+    returns their paths. No network: a one-line :class:`UserError`."""
+    import urllib.error
+    import urllib.request
+    import zipfile
+    from pathlib import Path
+
+    from attnkit.config import unknown
+    if name not in CORPORA:
+        raise unknown("corpus", name, CORPORA)
+    spec, root = CORPORA[name], Path(directory) / name
+    root.mkdir(parents=True, exist_ok=True)
+    raw, archive = root / spec["member"], root / f"{name}.zip"
+    if not raw.is_file():
+        if not archive.is_file():
+            try:
+                urllib.request.urlretrieve(spec["url"], archive.with_suffix(".part"))
+            except (urllib.error.URLError, OSError) as err:
+                raise UserError(f"cannot download {spec['url']}: "
+                                f"{getattr(err, 'reason', err)}") from None
+            archive.with_suffix(".part").replace(archive)
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extract(spec["member"], root)
+        except (zipfile.BadZipFile, KeyError) as err:
+            raise UserError(f"{archive} is not a valid {name} archive ({err}); delete it and "
+                            "retry") from None
+    size = raw.stat().st_size
+    if size != spec["bytes"]:
+        raise UserError(f"{raw} has {size:,} bytes, expected {spec['bytes']:,}: delete it")
+    if spec["sha256"] and _sha256(raw) != spec["sha256"]:
+        raise UserError(f"{raw} fails its SHA-256 check: delete it and download again")
+    data, out = raw.read_bytes(), {}
+    for split, (lo, hi) in SPLITS.items():
+        path = root / f"{split}.txt"
+        if not path.is_file():
+            # bytes as latin-1 characters: one token per byte, as the papers count enwik8
+            path.write_text(data[lo:hi].decode("latin-1"), encoding="utf-8")
+        out[split] = str(path)
+    return out

@@ -1,0 +1,156 @@
+"""Task heads on a bidirectional encoder (BERT, RoBERTa, DistilBERT), as Devlin et al. 2019
+section 4 uses them, and the best-span search of extractive question answering.
+
+Notation: B batch, S sequence length, C model width, K labels.
+
+- :class:`SequenceClassifier`: one summary vector per sequence -> dropout -> linear (K).
+  The summary is the tanh pooler over [CLS] (``pooling="pooler"``, BERT's
+  ``BertForSequenceClassification``), the raw first hidden state (``"cls"``) or the mean over
+  real tokens (``"mean"``, Sentence-BERT). Bloem's "classifier transformer" is the mean case.
+- :class:`TokenClassifier`: dropout -> linear on every position (``BertForTokenClassification``).
+- :class:`SpanExtractor`: a linear layer to two scores per position, start and end
+  (``BertForQuestionAnswering``, section 4.2); :func:`best_spans` picks the valid span
+  i <= j < i + max_answer_len inside the context that maximises start_i + end_j.
+
+A head takes the encoder module (composition) and returns a small output dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.config import unknown
+from attnkit.errors import UserError
+from attnkit.models.bert import BertOutput
+
+POOLINGS = ("pooler", "cls", "mean")
+
+
+@dataclass
+class HeadOutput:
+    """Logits of a head and what the encoder returned."""
+
+    logits: Tensor            # (B, K) sequence, (B, S, K) token, (B, S, 2) span
+    encoder: BertOutput
+
+    @property
+    def start_logits(self) -> Tensor:
+        """(B, S) span starts (span heads only)."""
+        return self.logits[..., 0]
+
+    @property
+    def end_logits(self) -> Tensor:
+        """(B, S) span ends (span heads only)."""
+        return self.logits[..., 1]
+
+
+def _init_linear(layer: nn.Linear, std: float) -> nn.Linear:
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class _Head(nn.Module):
+    """An encoder (``.bert``) and its config; subclasses add the output layer."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.bert = encoder
+        self.arch = encoder.arch
+        self.cfg = encoder.cfg
+
+    def encode(self, ids: Tensor, attention_mask: Tensor | None,
+               token_type_ids: Tensor | None) -> BertOutput:
+        if token_type_ids is not None and getattr(self.bert, "token_types", None) is None:
+            token_type_ids = None  # DistilBERT: no segments
+        return self.bert(ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+class SequenceClassifier(_Head):
+    """Sequence classification: summary -> dropout -> ``classifier`` (C -> K)."""
+
+    def __init__(self, encoder: nn.Module, n_labels: int,
+                 pooling: Literal["pooler", "cls", "mean"] = "pooler",
+                 dropout: float | None = None) -> None:
+        super().__init__(encoder)
+        if pooling not in POOLINGS:
+            raise unknown("pooling", pooling, POOLINGS)
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+            raise UserError("this encoder has no pooler (DistilBERT): use pooling 'cls' or "
+                            "'mean'")
+        if n_labels < 1:
+            raise UserError(f"a classifier needs at least one label, got {n_labels}")
+        self.pooling = pooling
+        self.dropout = nn.Dropout(self.arch.dropout if dropout is None else dropout)
+        self.classifier = _init_linear(nn.Linear(self.arch.d_model, n_labels),
+                                       self.arch.init_std)
+
+    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> HeadOutput:
+        """ids (B, S) -> logits (B, K)."""
+        enc = self.encode(ids, attention_mask, token_type_ids)
+        if self.pooling == "pooler":
+            summary = enc.pooled
+        elif self.pooling == "cls":
+            summary = enc.last_hidden[:, 0]
+        else:
+            w = (torch.ones_like(ids) if attention_mask is None else attention_mask)[..., None]
+            w = w.to(enc.last_hidden.dtype)
+            summary = (enc.last_hidden * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, C)
+        return HeadOutput(self.classifier(self.dropout(summary)), enc)
+
+
+class TokenClassifier(_Head):
+    """Token classification: dropout -> ``classifier`` (C -> K) at every position."""
+
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float | None = None) -> None:
+        super().__init__(encoder)
+        if n_labels < 1:
+            raise UserError(f"a classifier needs at least one label, got {n_labels}")
+        self.dropout = nn.Dropout(self.arch.dropout if dropout is None else dropout)
+        self.classifier = _init_linear(nn.Linear(self.arch.d_model, n_labels),
+                                       self.arch.init_std)
+
+    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> HeadOutput:
+        """ids (B, S) -> logits (B, S, K)."""
+        enc = self.encode(ids, attention_mask, token_type_ids)
+        return HeadOutput(self.classifier(self.dropout(enc.last_hidden)), enc)
+
+
+class SpanExtractor(_Head):
+    """Extractive QA: ``qa_outputs`` (C -> 2) gives start and end logits per position."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__(encoder)
+        self.qa_outputs = _init_linear(nn.Linear(self.arch.d_model, 2), self.arch.init_std)
+
+    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> HeadOutput:
+        """ids (B, S) -> logits (B, S, 2): ``.start_logits``, ``.end_logits`` (B, S)."""
+        enc = self.encode(ids, attention_mask, token_type_ids)
+        return HeadOutput(self.qa_outputs(enc.last_hidden), enc)
+
+
+def best_spans(start: Tensor, end: Tensor, allowed: Tensor, max_answer_len: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The best valid span per row: argmax of start_i + end_j over i <= j < i + max_answer_len
+    with both i and j ``allowed`` (the context tokens).
+
+    start, end (B, S) logits; allowed (B, S) bool. Returns (starts, ends, scores), each (B,);
+    a row with no allowed position gets (0, 0, -inf).
+    """
+    if max_answer_len < 1:
+        raise UserError(f"max_answer_len must be >= 1, got {max_answer_len}")
+    s = start.size(1)
+    scores = start[:, :, None] + end[:, None, :]  # (B, S, S): [i, j]
+    i = torch.arange(s, device=start.device)
+    band = (i[None, :] >= i[:, None]) & (i[None, :] < i[:, None] + max_answer_len)  # (S, S)
+    ok = band[None] & allowed[:, :, None] & allowed[:, None, :]
+    scores = scores.masked_fill(~ok, float("-inf"))
+    best, flat = scores.reshape(start.size(0), -1).max(dim=1)
+    return flat // s, flat % s, best

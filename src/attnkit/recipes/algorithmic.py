@@ -1,0 +1,108 @@
+"""What the recipes on generated tensor data share (pointer-sort, ntm-copy, act-parity).
+
+Their data are drawn afresh from a seeded generator (:mod:`attnkit.data.algorithmic`), their
+models take a model config (not a tokenizer), and they report task figures per input length.
+The run directory is the seq2seq recipes' (:func:`attnkit.recipes.seq2seq.prepare_run_dir`):
+config.json with the recipe, its config and the resolved model config, checkpoints,
+metrics.jsonl, results.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from attnkit.config import from_dict, to_dict, unknown
+from attnkit.errors import ConfigError, UserError
+from attnkit.recipes.seq2seq import prepare_run_dir, read_run
+from attnkit.train import distributed as dist
+from attnkit.train.checkpoint import (
+    load_run_weights,
+    write_json_atomic,
+)
+from attnkit.train.loop import TrainConfig
+
+Build = Callable[[Any], nn.Module]  # model config -> model
+
+
+def model_config(cls: type, arch: dict, fixed: dict) -> Any:
+    """The model config: ``arch`` overrides plus what the data fixes (which ``arch`` must not
+    set); unknown keys get a suggestion."""
+    clash = sorted(set(arch) & set(fixed))
+    if clash:
+        raise ConfigError(f"arch.{clash[0]} follows from the data settings; do not set it")
+    return from_dict(cls, {**arch, **fixed}, prefix="arch.")
+
+
+def arch_defaults(cls: type, fixed: tuple[str, ...], **changes: Any) -> dict:
+    """A model config's defaults (with ``changes``) as an ``arch`` section, minus the fields
+    the data fix, so that ``attnkit recipes --show`` lists every setting."""
+    return {k: v for k, v in to_dict(cls(**changes)).items() if k not in fixed}
+
+
+def check_best_metric(train: TrainConfig, names: Sequence[str]) -> None:
+    """Refuse a ``train.best_metric`` the recipe's evaluation does not report."""
+    if train.best_metric and train.best_metric not in names:
+        raise unknown("train.best_metric", train.best_metric, names)
+
+
+def setup_run(recipe: str, cfg: Any, family: str, model_cfg: Any, build: Build
+              ) -> tuple[Path, nn.Module]:
+    """Run directory (rank 0 creates it, others follow) and the freshly initialised model,
+    whose resolved config goes into config.json under ``model``."""
+    rank, _ = dist.init_distributed()
+    run_dir: Path | None = None
+    if rank == 0:
+        run_dir = prepare_run_dir(recipe, cfg)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+    run_dir = Path(dist.all_gather_object(str(run_dir))[0])
+    torch.manual_seed(cfg.train.seed)
+    model = build(model_cfg)
+    if rank == 0:
+        record = read_run(run_dir)
+        spec = {"family": family, "config": to_dict(model_cfg)}
+        if record.get("model") != spec:
+            write_json_atomic(run_dir / "config.json", {**record, "model": spec})
+    dist.barrier()
+    return run_dir, model
+
+
+def load_trained(run_dir: str | Path, family: str, cls: type, build: Build,
+                 which: Literal["best", "latest"] = "best") -> nn.Module:
+    """A run's trained model (its best checkpoint when it has one) in eval mode."""
+    run_dir = Path(run_dir)
+    spec = read_run(run_dir).get("model")
+    if not isinstance(spec, dict) or spec.get("family") != family:
+        raise UserError(f"{run_dir} holds no trained {family} model")
+    model = build(from_dict(cls, spec["config"]))
+    load_run_weights(run_dir, model, which)
+    return model.eval()
+
+
+def mean_of(groups: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of figures measured on equally sized groups."""
+    return {k: sum(g[k] for g in groups) / len(groups) for k in groups[0]}
+
+
+def _line(figures: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in figures.items())
+
+
+def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Save results.json and print one line per evaluation set."""
+    write_json_atomic(run_dir / "results.json", results)
+    for name, figures in results.items():
+        if isinstance(figures, dict) and figures and all(isinstance(v, dict)
+                                                         for v in figures.values()):
+            for sub, inner in figures.items():
+                print(f"{name} {sub}: " + _line(inner))
+        else:
+            print(f"{name}: " + (_line(figures) if isinstance(figures, dict) else str(figures)))
+    print(f"run directory: {run_dir}")
+    return results

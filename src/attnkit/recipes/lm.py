@@ -1,0 +1,410 @@
+"""Language-model training: the "lm" recipe and what "finetune-lm" shares with it.
+
+A run reads documents (a text file, JSONL through a template, or a folder), holds out the last
+part, trains a decoder-only model on random windows of the token stream with :func:`fit`,
+evaluates the held-out text (loss, perplexity, bits per character), prints samples at every
+evaluation, keeps the best checkpoint by validation loss, and ends with ``results.json``.
+Defaults follow nanoGPT's Shakespeare-character settings sized for a CPU (4 layers x 128,
+4 heads, context 64, batch 12, AdamW 1e-3 with cosine decay to 1e-4, betas (0.9, 0.99)).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from attnkit.config import unknown
+from attnkit.data.lm import (
+    LMWindows,
+    check_template,
+    encode_documents,
+    eval_windows,
+    lm_loss,
+    logits_of,
+    n_characters,
+    read_documents,
+    score,
+    split_documents,
+    text_chunks,
+    truncate_documents,
+)
+from attnkit.errors import ConfigError, UserError
+from attnkit.models import LM_MODELS, build_lm, check_lm
+from attnkit.recipes.seq2seq import TokenizerConfig, prepare_run_dir, read_run
+from attnkit.tokenizers import Tokenizer
+from attnkit.train import distributed as dist
+from attnkit.train.checkpoint import (
+    load_run_weights,
+    write_json_atomic,
+)
+from attnkit.train.loop import TrainConfig, fit
+from attnkit.train.optim import OptimConfig
+
+SHAKESPEARE = Path("data/text/tinyshakespeare.txt")  # inside the shared data folder
+METRICS = ("val_loss", "val_ppl", "val_bpc")
+
+
+@dataclass(frozen=True)
+class LMData:
+    train: str = ""          # a text file, a .jsonl file or a folder of documents
+    valid: str = ""          # held-out text (same forms); "" = the last val_fraction of train
+    val_fraction: float = 0.1
+    pattern: str = "*.txt"   # the files of a folder that are documents (e.g. "*.jsonl")
+    template: str = ""       # JSONL records -> text, e.g. "Question: {question}\nAnswer: {answer}"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.template:
+            try:
+                check_template(self.template)
+            except UserError as err:
+                raise ConfigError(f"data.template: {err}") from None
+
+
+@dataclass(frozen=True)
+class LMEvalConfig:
+    batch_size: int = 32     # windows per evaluation batch
+    max_chars: int = 0       # evaluations during training read the first max_chars (0 = all)
+    stride: int = 0          # > 0: the final report adds a sliding-window evaluation
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_chars < 0 or self.stride < 0:
+            raise ConfigError("eval.batch_size must be >= 1, eval.max_chars and eval.stride "
+                              ">= 0")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompt: str = "\n"       # "" = start of a document (the EOS separator)
+    n: int = 1               # samples printed at each evaluation and in the report (0 = none)
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0           # 0 = off
+    top_p: float = 1.0       # 1 = off
+    seed: int = 1337         # samples use their own generator: training randomness is untouched
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0:
+            raise ConfigError("sample.n >= 0, sample.max_new_tokens >= 1, sample.temperature "
+                              ">= 0 and sample.top_k >= 0 are required")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class LMRunConfig:
+    """What both language-model recipes have."""
+
+    data: LMData = field(default_factory=LMData)
+    arch: dict = field(default_factory=dict)   # model overrides (lm: of the preset)
+    block_size: int = 64     # training context (tokens per window)
+    batch_size: int = 12     # windows per optimiser step (x train.accum_steps)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run_dir: str = ""        # default: runs/<recipe>-<time>; an existing run resumes
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.batch_size < 1:
+            raise ConfigError("block_size and batch_size must be >= 1")
+        if self.train.best_metric and self.train.best_metric not in METRICS:
+            raise unknown("train.best_metric", self.train.best_metric, METRICS)
+
+
+@dataclass(frozen=True)
+class LMConfig(LMRunConfig):
+    model: str = "gpt2"      # language-model family (attnkit.models.LM_MODELS)
+    preset: str = "tiny"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        model_cfg = check_lm(self.model, self.preset, self.model_arch)
+        context = getattr(model_cfg, "n_positions", self.block_size)
+        if context < self.block_size:
+            raise ConfigError(f"block_size {self.block_size} exceeds the model's context "
+                              f"arch.n_positions={context}")
+
+    @property
+    def model_arch(self) -> dict:
+        """``arch`` with the context defaulting to block_size."""
+        return {"n_positions": self.block_size, **self.arch}
+
+
+# ---- data --------------------------------------------------------------------------------------
+def default_train_path() -> str:
+    """tinyshakespeare from the shared data folder beside the repository, if it is there."""
+    repo = Path(__file__).resolve().parents[3]
+    for shared in (Path("../shared"), repo.parent / "shared"):
+        if (shared / SHAKESPEARE).is_file():
+            return str((shared / SHAKESPEARE).resolve())
+    return ""
+
+
+def with_data_default(cfg: Any) -> Any:
+    """``cfg`` with data.train set to the default text when it is empty (or a UserError)."""
+    if cfg.data.train:
+        return cfg
+    path = default_train_path()
+    if not path:
+        raise UserError("set data.train=FILE (a text file, a .jsonl file or a folder of "
+                        "documents)")
+    return replace(cfg, data=replace(cfg.data, train=path))
+
+
+def load_corpus(data: LMData) -> tuple[list[str], list[str]]:
+    """Training and held-out documents."""
+    if not data.train:
+        raise UserError("set data.train=FILE (a text file, a .jsonl file or a folder)")
+    docs = read_documents(data.train, data.pattern, data.template)
+    if data.valid:
+        return docs, read_documents(data.valid, data.pattern, data.template)
+    return split_documents(docs, data.val_fraction)
+
+
+# ---- run directory and model -------------------------------------------------------------------
+def record_model(run_dir: Path, family: str, resolved: dict) -> None:
+    """Write the built model's family and resolved config into config.json (rank 0)."""
+    record = read_run(run_dir)
+    spec = {"family": family, "config": resolved}
+    if record.get("model") != spec:
+        record["model"] = spec
+        write_json_atomic(run_dir / "config.json", record)
+
+
+def setup_run(recipe: str, cfg: LMRunConfig,
+              create: Callable[[Path], tuple[Tokenizer, nn.Module]]) -> tuple[Path, Tokenizer,
+                                                                             nn.Module]:
+    """Run directory, then ``create(run_dir) -> (tokenizer, model)``; under torchrun rank 0
+    creates first and the others read what it wrote."""
+    rank, _ = dist.init_distributed()
+    run_dir: Path | None = None
+    if rank == 0:
+        run_dir = prepare_run_dir(recipe, cfg)  # type: ignore[arg-type]
+        print(f"run directory: {run_dir}", file=sys.stderr)
+    run_dir = Path(dist.all_gather_object(str(run_dir))[0])
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            torch.manual_seed(cfg.train.seed)
+            tok, model = create(run_dir)
+        dist.barrier()
+    return run_dir, tok, model
+
+
+def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best"
+               ) -> tuple[nn.Module, Tokenizer]:
+    """The trained model of an lm / finetune-lm run (best checkpoint if any), in eval mode,
+    and its tokenizer."""
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    if "model" not in record or not (run_dir / "tokenizer.json").is_file():
+        raise UserError(f"{run_dir} has no trained model yet")
+    spec = dict(record["model"])
+    if spec.get("family") not in LM_MODELS:
+        raise UserError(f"{run_dir} holds a '{record['recipe']}' run with a "
+                        f"'{spec.get('family')}' model, not a language model")
+    config = dict(spec["config"])
+    vocab = config.pop("vocab_size")
+    model, _ = build_lm(spec["family"], "", config, vocab)
+    load_run_weights(run_dir, model, which)
+    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def _prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
+    return tok.encode(prompt) if prompt else [tok.eos_id]
+
+
+def _sample_recompute(model: nn.Module, prompt: list[int], cfg: SampleConfig, context: int,
+                      eos: int | None, seed: int) -> list[int]:
+    """Any model: the whole (cropped) context recomputed per token; own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids, out = list(prompt), []
+    for _ in range(cfg.max_new_tokens):
+        x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
+        logits = logits_of(model, x)[0, -1].float().cpu()  # (V,)
+        if cfg.temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / cfg.temperature
+            if cfg.top_k:
+                kth = logits.topk(min(cfg.top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if cfg.top_p < 1.0:
+                probs, order = logits.softmax(-1).sort(descending=True)
+                drop = probs.cumsum(-1) - probs >= cfg.top_p  # keep until p is reached
+                logits[order[drop]] = float("-inf")
+            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        if nxt == eos:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: int) -> list[str]:
+    """``cfg.n`` continuations of ``cfg.prompt`` (prompt included), sample i seeded seed + i.
+
+    Cached generation (:mod:`attnkit.generation`) when the model has a cache and prompt plus new
+    tokens fit its context; otherwise a sliding context of ``context`` tokens, recomputed.
+    """
+    prompt = _prompt_ids(tok, cfg.prompt)
+    texts = []
+    n_positions = getattr(getattr(model, "config", None), "n_positions", 0)
+    cached = hasattr(model, "new_cache") and len(prompt) + cfg.max_new_tokens <= n_positions
+    from attnkit.generation import GenerationConfig, generate
+
+    for i in range(cfg.n):
+        if cached:
+            gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                   do_sample=cfg.temperature > 0, temperature=cfg.temperature,
+                                   top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tok.eos_id,
+                                   seed=cfg.seed + i)
+            new = generate(model, [prompt], gen)[0]
+            new = [t for t in new if t != tok.eos_id]
+        else:
+            new = _sample_recompute(model, prompt, cfg, context, tok.eos_id, cfg.seed + i)
+        texts.append(cfg.prompt + tok.decode(new))
+    return texts
+
+
+def show_samples(texts: list[str], run_dir: Path, step: int | None) -> None:
+    """Print samples (above the progress bar) and append them to samples.txt."""
+    from tqdm import tqdm
+
+    head = f"---- samples at step {step}" if step is not None else "---- samples"
+    body = "\n".join(f"{head} ({i + 1}/{len(texts)}) ----\n{t}" for i, t in enumerate(texts))
+    tqdm.write(body)
+    with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+        f.write(body + "\n")
+
+
+# ---- training ----------------------------------------------------------------------------------
+def loss_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of an LMBatch and its number of targets."""
+    return lm_loss(logits_of(model, batch.ids), batch.targets)
+
+
+def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: LMRunConfig, run_dir: Path,
+                  windows: LMWindows) -> Callable[[nn.Module], dict[str, float]]:
+    """Held-out loss / perplexity / bpc (the first eval.max_chars) and samples."""
+    docs = truncate_documents(val_docs, cfg.eval.max_chars)
+    batches = eval_windows(encode_documents(tok, docs), cfg.block_size, cfg.eval.batch_size)
+    chars = n_characters(docs)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model = dist.unwrap(model)
+        result = score(model, batches, chars)
+        if cfg.sample.n:
+            step = windows.index // max(1, cfg.train.accum_steps)
+            show_samples(sample_texts(model, tok, cfg.sample, cfg.block_size), run_dir, step)
+        return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpc": result.bpc}
+    return evaluate
+
+
+def training_windows(cfg: LMRunConfig, tok: Tokenizer, train_docs: list[str]) -> LMWindows:
+    """The training stream's random windows (a UserError, before any file is written, when the
+    text is too short for one window)."""
+    stream = encode_documents(tok, train_docs)
+    return LMWindows(stream, cfg.block_size, cfg.batch_size, seed=cfg.train.seed)
+
+
+def train_lm(run_dir: Path, cfg: LMRunConfig, tok: Tokenizer, model: nn.Module,
+             windows: LMWindows, val_docs: list[str]) -> None:
+    """Train ``model`` on ``windows`` with :func:`fit` (resumes an interrupted run)."""
+    if dist.is_main():
+        print(f"training tokens: {windows.n_tokens:,}; vocabulary {tok.vocab_size}; "
+              f"parameters {sum(p.numel() for p in model.parameters()):,}", file=sys.stderr)
+    fit(model, loss_fn, windows, cfg.train, run_dir,
+        evaluate=make_evaluate(tok, val_docs, cfg, run_dir, windows))
+
+
+def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest"] = "best"
+                 ) -> dict:
+    """Score the whole held-out text with the best checkpoint, sample, write results.json."""
+    model, tok = load_model(run_dir, which)
+    _, val_docs = load_corpus(cfg.data)
+    stream, chars = encode_documents(tok, val_docs), n_characters(val_docs)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"val": score(model, eval_windows(
+        stream, cfg.block_size, cfg.eval.batch_size), chars).as_dict()}
+    results["val"]["seconds"] = round(time.perf_counter() - start, 2)
+    if cfg.eval.stride and cfg.eval.stride < cfg.block_size:
+        results["val_sliding"] = {**score(model, eval_windows(
+            stream, cfg.block_size, cfg.eval.batch_size, cfg.eval.stride), chars).as_dict(),
+            "stride": cfg.eval.stride}
+    if cfg.sample.n:
+        with torch.no_grad():
+            results["samples"] = sample_texts(model, tok, cfg.sample, cfg.block_size)
+        show_samples(results["samples"], run_dir, None)
+    write_json_atomic(run_dir / "results.json", results)
+    for name in ("val", "val_sliding"):
+        if name in results:
+            r = results[name]
+            print(f"{name}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f}, "
+                  f"{r['bpc']:.4f} bits per character ({r['tokens']:,} tokens, "
+                  f"{r['chars']:,} characters)")
+    print(f"run directory: {run_dir}")
+    return results
+
+
+# ---- the "lm" recipe ---------------------------------------------------------------------------
+def lm_tokenizer(cfg: LMConfig, train_docs: list[str]) -> Tokenizer:
+    """The run's tokenizer: an existing run's, ``tokenizer.path``'s, or trained on the text."""
+    if cfg.run_dir and (Path(cfg.run_dir) / "tokenizer.json").is_file():
+        return Tokenizer.load(Path(cfg.run_dir) / "tokenizer.json")
+    if cfg.tokenizer.path:
+        tok = Tokenizer.load(cfg.tokenizer.path)
+        if tok.eos_id is None:
+            raise UserError(f"tokenizer {cfg.tokenizer.path} has no end-of-text token "
+                            "([EOS], </s> or <|endoftext|>)")
+        return tok
+    return Tokenizer.train(cfg.tokenizer.kind, text_chunks(train_docs),
+                           vocab_size=cfg.tokenizer.vocab_size)
+
+
+def main(cfg: LMConfig, recipe: str = "lm") -> dict:
+    """Train a language model from scratch on ``cfg.data``, then report."""
+    cfg = with_data_default(cfg)
+    train_docs, val_docs = load_corpus(cfg.data)
+    tok = lm_tokenizer(cfg, train_docs)
+    windows = training_windows(cfg, tok, train_docs)
+
+    def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
+        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
+            tok.save(run_dir / "tokenizer.json")
+        model, resolved = build_lm(cfg.model, cfg.preset, cfg.model_arch, tok.vocab_size)
+        if dist.is_main():
+            record_model(run_dir, cfg.model, resolved)
+        return tok, model
+
+    run_dir, tok, model = setup_run(recipe, cfg, create)
+    train_lm(run_dir, cfg, tok, model, windows, val_docs)
+    return final_report(run_dir, cfg) if dist.is_main() else {}
+
+
+def evaluate(run_dir: Path, cfg: LMRunConfig) -> dict:
+    """`attnkit eval RUN`: the final report again."""
+    return final_report(run_dir, cfg)
+
+
+def defaults() -> LMConfig:
+    """nanoGPT's shakespeare_char settings for a CPU: 4 x 128, 4 heads, context 64, batch 12."""
+    return LMConfig(
+        preset="tiny", arch={"n_layers": 4, "dropout": 0.0, "attention_dropout": 0.0},
+        tokenizer=TokenizerConfig(kind="char"), block_size=64, batch_size=12,
+        train=TrainConfig(steps=2000, eval_every=250, save_every=250, log_every=50,
+                          best_metric="val_loss",
+                          optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
+                                            weight_decay=0.1, schedule="cosine",
+                                            warmup_steps=100, min_lr_ratio=0.1)),
+        sample=SampleConfig(prompt="\n", n=1, max_new_tokens=200))

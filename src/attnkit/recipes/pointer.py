@@ -1,0 +1,154 @@
+"""pointer-sort: a pointer network (Vinyals et al. 2015) learns to sort lists of numbers.
+
+Lists of ``data.min_len``..``data.max_len`` floats in [0, 1) (as in Vinyals, Bengio & Kudlur
+2016, sec. 4.3) or integers in [0, data.max_value); every batch holds lists of one length drawn
+uniformly. The target is the input positions in sorted order; the loss is the negative
+log-likelihood of each pointer. Reported per length, from ``min_len`` to ``longest_eval``
+(default twice ``max_len``): exact-sort accuracy (the whole list right) and per-position
+accuracy, with greedy decoding that never points twice at one position and, for comparison,
+unconstrained greedy decoding (``*_free``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches, sort_examples
+from attnkit.errors import ConfigError
+from attnkit.models.pointer import (
+    PointerConfig,
+    PointerNet,
+    pointer_loss,
+    sort_accuracy,
+)
+from attnkit.recipes.algorithmic import (
+    arch_defaults,
+    check_best_metric,
+    load_trained,
+    mean_of,
+    model_config,
+    setup_run,
+    write_report,
+)
+from attnkit.train import distributed as dist
+from attnkit.train.loop import TrainConfig, fit
+from attnkit.train.optim import OptimConfig
+
+METRICS = ("val_loss", "seen_exact", "seen_per_position")
+FIXED = ("input_kind", "n_values")  # model settings that follow from the data
+
+
+@dataclass(frozen=True)
+class SortData:
+    kind: Literal["float", "int"] = "float"
+    max_value: int = 100          # integers are drawn from [0, max_value)
+    min_len: int = 5              # training lengths: min_len..max_len
+    max_len: int = 10
+    longest_eval: int = 0         # evaluated lengths: min_len..longest_eval; 0 = 2 * max_len
+    eval_size: int = 500          # lists per evaluated length
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("float", "int"):
+            raise ConfigError(f"data.kind must be 'float' or 'int', got {self.kind!r}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ConfigError("data.min_len must be in [1, data.max_len]")
+        if self.longest_eval and self.longest_eval < self.max_len:
+            raise ConfigError("data.longest_eval must be 0 or >= data.max_len")
+        if self.eval_size < 1 or self.max_value < 1:
+            raise ConfigError("data.eval_size and data.max_value must be >= 1")
+
+    @property
+    def longest(self) -> int:
+        return self.longest_eval or 2 * self.max_len
+
+
+@dataclass(frozen=True)
+class PointerSortConfig:
+    arch: dict = field(default_factory=dict)  # PointerConfig fields (not input_kind, n_values)
+    data: SortData = field(default_factory=SortData)
+    batch_size: int = 128         # lists per batch
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        pointer_config(self)
+        check_best_metric(self.train, METRICS)
+
+
+def pointer_config(cfg: PointerSortConfig) -> PointerConfig:
+    d = cfg.data
+    fixed = {"input_kind": d.kind, "n_values": d.max_value if d.kind == "int" else 0}
+    return model_config(PointerConfig, cfg.arch, fixed)
+
+
+def _make(d: SortData, batch: int, length: int | None = None
+          ) -> Callable[[torch.Generator], TensorBatch]:
+    def make(gen: torch.Generator) -> TensorBatch:
+        n = length or int(torch.randint(d.min_len, d.max_len + 1, (1,), generator=gen))
+        return sort_examples(gen, batch, n, d.kind, d.max_value)
+    return make
+
+
+def eval_set(d: SortData, length: int) -> TensorBatch:
+    """``d.eval_size`` lists of ``length`` numbers (fixed by ``d.seed`` and the length)."""
+    return fixed_batches(_make(d, d.eval_size, length), d.seed + 1_000_003 * length + 1, 1)[0]
+
+
+def loss_fn(model: nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, int]:
+    return pointer_loss(model(batch.inputs, batch.targets), batch.targets)
+
+
+def measure(model: PointerNet, batch: TensorBatch) -> dict[str, float]:
+    """Exact and per-position accuracy, constrained and free greedy decoding, and the loss."""
+    loss, n = pointer_loss(model(batch.inputs, batch.targets), batch.targets)
+    masked = sort_accuracy(batch.inputs, model.greedy(batch.inputs, mask_chosen=True))
+    free = sort_accuracy(batch.inputs, model.greedy(batch.inputs, mask_chosen=False))
+    return {**masked, **{f"{k}_free": v for k, v in free.items()}, "loss": loss.item() / n}
+
+
+def make_evaluate(d: SortData) -> Callable[[nn.Module], dict[str, float]]:
+    sets = [eval_set(d, n) for n in range(d.min_len, d.max_len + 1)]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        seen = mean_of([measure(dist.unwrap(model), b) for b in sets])
+        return {"val_loss": seen["loss"], "seen_exact": seen["exact"],
+                "seen_per_position": seen["per_position"]}
+    return evaluate
+
+
+def main(cfg: PointerSortConfig, recipe: str = "pointer-sort") -> dict:
+    run_dir, model = setup_run(recipe, cfg, "pointer", pointer_config(cfg), PointerNet)
+    batches = GeneratedBatches(_make(cfg.data, cfg.batch_size), seed=cfg.data.seed)
+    fit(model, loss_fn, batches, cfg.train, run_dir, evaluate=make_evaluate(cfg.data))
+    return evaluate(run_dir, cfg) if dist.is_main() else {}
+
+
+def evaluate(run_dir: Path, cfg: PointerSortConfig) -> dict:
+    """Accuracy per length, then over the training lengths and over the longer ones."""
+    model = load_trained(run_dir, "pointer", PointerConfig, PointerNet)
+    d = cfg.data
+    with torch.no_grad():
+        by_length = {n: measure(model, eval_set(d, n)) for n in range(d.min_len, d.longest + 1)}
+    longer = [by_length[n] for n in by_length if n > d.max_len]
+    results = {"seen_lengths": mean_of([by_length[n] for n in by_length if n <= d.max_len])}
+    if longer:
+        results["longer"] = mean_of(longer)
+    results["by_length"] = {str(n): v for n, v in by_length.items()}
+    return write_report(run_dir, results)
+
+
+def defaults() -> PointerSortConfig:
+    return PointerSortConfig(
+        arch=arch_defaults(PointerConfig, FIXED, d_model=128), batch_size=128,
+        train=TrainConfig(steps=2000, eval_every=500, save_every=500, clip_norm=2.0,
+                          best_metric="val_loss",
+                          optim=OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine")))

@@ -1,0 +1,353 @@
+"""BERT / RoBERTa pre-training: the "bert-pretrain" and "roberta-pretrain" recipes.
+
+One recipe with a ``variant`` switch (the two registry entries differ only in defaults):
+
+- ``bert`` (Devlin et al. 2019): WordPiece, sentence pairs ``[CLS] A [SEP] B [SEP]`` with
+  token types, masked LM (15%, 80/10/10, optionally whole words) + next-sentence prediction,
+  static masks (drawn once per sequence, as BERT's ``create_pretraining_data.py``).
+- ``roberta`` (Liu et al. 2019): byte-level BPE, FULL-SENTENCES packing across documents,
+  masked LM only, dynamic masking, large batches through ``train.accum_steps``.
+
+Text comes from any text file, JSONL file or folder (default: tiny Shakespeare from the shared
+data folder); one sentence per line, blank lines between documents (BERT's input format).
+Held-out text gives MLM loss, perplexity exp(loss) and accuracy over masked tokens (and NSP
+accuracy), at every evaluation and in ``results.json``. :func:`load_bert` reads the result
+(or a Hugging Face directory) for the "distil" and "finetune" recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnkit.config import from_dict, to_dict
+from attnkit.data.mlm import (
+    IGNORE,
+    Example,
+    MaskConfig,
+    Masker,
+    MLMBatch,
+    MLMBatches,
+    encode_sentences,
+    eval_batches,
+    nsp_pairs,
+    pack_full_sentences,
+    split_sentences,
+)
+from attnkit.errors import ConfigError, UserError
+from attnkit.losses import masked_lm_loss
+from attnkit.models.bert import BertConfig, bert_config, build_bert
+from attnkit.models.distilbert import DistilBertConfig, build_distilbert
+from attnkit.recipes.lm import LMData, load_corpus, record_model, setup_run, with_data_default
+from attnkit.recipes.seq2seq import TokenizerConfig, read_run
+from attnkit.tokenizers import Tokenizer
+from attnkit.train import distributed as dist
+from attnkit.train.checkpoint import (
+    load_run_weights,
+    write_json_atomic,
+)
+from attnkit.train.loop import TrainConfig, fit
+from attnkit.train.optim import OptimConfig
+
+METRICS = ("val_mlm_loss", "val_mlm_ppl", "val_mlm_acc", "val_nsp_acc")
+
+
+@dataclass(frozen=True)
+class PretrainData(LMData):
+    doc_lines: int = 50  # a text without blank lines is cut into documents of this many lines
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.doc_lines < 0:
+            raise ConfigError(f"data.doc_lines must be >= 0, got {self.doc_lines}")
+
+
+@dataclass(frozen=True)
+class MLMEvalConfig:
+    batch_size: int = 32
+    max_sequences: int = 256  # held-out sequences scored (0 = all)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_sequences < 0:
+            raise ConfigError("eval.batch_size must be >= 1 and eval.max_sequences >= 0")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    variant: Literal["bert", "roberta"] = "bert"
+    data: PretrainData = field(default_factory=PretrainData)
+    preset: str = "bert-tiny"     # attnkit.models.bert.PRESETS
+    arch: dict = field(default_factory=dict)   # overrides of the preset (e.g. n_layers)
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(
+        kind="wordpiece", vocab_size=8000))
+    max_len: int = 128            # tokens per sequence, specials included
+    batch_size: int = 32          # sequences per micro-batch (x train.accum_steps per step)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    nsp: bool = True              # next-sentence prediction (BERT only)
+    short_seq_prob: float = 0.1   # BERT: share of shorter pairs
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: MLMEvalConfig = field(default_factory=MLMEvalConfig)
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("bert", "roberta"):
+            raise ConfigError(f"variant must be 'bert' or 'roberta', got {self.variant!r}")
+        if self.variant == "roberta" and self.nsp:
+            raise ConfigError("RoBERTa has no next-sentence prediction: set nsp=false")
+        if self.max_len < 5 or self.batch_size < 1:
+            raise ConfigError("max_len must be >= 5 and batch_size >= 1")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ConfigError("short_seq_prob must be in [0, 1]")
+        if self.train.best_metric and self.train.best_metric not in METRICS:
+            raise ConfigError(f"train.best_metric must be one of {', '.join(METRICS)}")
+        model_config(self, vocab_size=100, pad_id=0)  # validates preset and arch
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int, pad_id: int) -> BertConfig:
+    """The model's config: preset + arch, sized for the tokenizer and ``max_len``."""
+    offset = pad_id + 1 if cfg.variant == "roberta" else 0
+    base = dict(vocab_size=vocab_size, pad_id=pad_id, variant=cfg.variant,
+                max_len=cfg.max_len + offset, heads="mlm_nsp" if cfg.nsp else "mlm",
+                pooler=cfg.nsp)  # as transformers' *ForMaskedLM: a pooler only for NSP
+    if cfg.variant == "roberta":
+        base.update(type_vocab_size=1)
+    try:
+        model_cfg = bert_config(cfg.preset, **{**base, **cfg.arch})
+    except TypeError as err:
+        raise ConfigError(f"arch: {err}") from None
+    if model_cfg.max_tokens < cfg.max_len:
+        raise ConfigError(f"max_len {cfg.max_len} exceeds the model's {model_cfg.max_tokens}")
+    return model_cfg
+
+
+# ---- data --------------------------------------------------------------------------------------
+def sentence_docs(texts: list[str], doc_lines: int) -> list[list[str]]:
+    """Documents of sentences from raw texts (see :func:`attnkit.data.mlm.split_sentences`)."""
+    docs = [d for t in texts for d in split_sentences(t, 0)]
+    if len(docs) < 2 and doc_lines:
+        docs = split_sentences("\n".join(s for d in docs for s in d), doc_lines)
+    return docs
+
+
+def make_examples(tok: Tokenizer, texts: list[str], *, max_len: int, nsp: bool, doc_lines: int,
+                  seed: int, short_seq_prob: float = 0.1) -> list[Example]:
+    """Training or held-out sequences: NSP pairs (BERT with nsp) or packed full sentences."""
+    docs = encode_sentences(tok, sentence_docs(texts, doc_lines))
+    if tok.bos_id is None or tok.eos_id is None:
+        raise UserError("pre-training needs [CLS]/[SEP] (BOS/EOS) tokens in the tokenizer")
+    if nsp:
+        rng = np.random.default_rng(seed)
+        return nsp_pairs(docs, max_len, tok.bos_id, tok.eos_id, rng, short_seq_prob)
+    return pack_full_sentences(docs, max_len, tok.bos_id, tok.eos_id)
+
+
+def examples_of(cfg: PretrainConfig, tok: Tokenizer, texts: list[str], seed: int
+                ) -> list[Example]:
+    """:func:`make_examples` with the recipe's settings."""
+    return make_examples(tok, texts, max_len=cfg.max_len, nsp=cfg.nsp,
+                         doc_lines=cfg.data.doc_lines, seed=seed,
+                         short_seq_prob=cfg.short_seq_prob)
+
+
+def pretrain_tokenizer(cfg: PretrainConfig, texts: list[str]) -> Tokenizer:
+    """An existing run's tokenizer, ``tokenizer.path``'s, or one trained on the text."""
+    if cfg.run_dir and (Path(cfg.run_dir) / "tokenizer.json").is_file():
+        return Tokenizer.load(Path(cfg.run_dir) / "tokenizer.json")
+    if cfg.tokenizer.path:
+        tok = Tokenizer.load(cfg.tokenizer.path)
+    else:
+        from attnkit.data.lm import text_chunks
+        tok = Tokenizer.train(cfg.tokenizer.kind, text_chunks(texts),
+                              vocab_size=cfg.tokenizer.vocab_size)
+    if tok.mask_id is None or tok.pad_id is None:
+        raise UserError(f"tokenizer {cfg.tokenizer.path} has no [MASK] or [PAD] token")
+    return tok
+
+
+# ---- loss and evaluation -----------------------------------------------------------------------
+def pretrain_loss(model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, int]:
+    """(MLM loss sum + n * mean NSP loss, n masked tokens): after fit divides by n, the
+    objective is BERT's mean MLM loss + mean NSP loss."""
+    selected = batch.labels != IGNORE
+    out = model(batch.ids, attention_mask=batch.attention_mask,
+                token_type_ids=batch.token_types, mlm_mask=selected)
+    total, n = masked_lm_loss(out.mlm_logits, batch.labels[selected])
+    if out.nsp_logits is not None and batch.nsp is not None:
+        total = total + n * F.cross_entropy(out.nsp_logits.float(), batch.nsp)
+    return total, n
+
+
+@torch.no_grad()
+def mlm_scores(model: nn.Module, batches: list[MLMBatch]) -> dict[str, float]:
+    """Held-out MLM loss (nats per masked token), perplexity, accuracy, and NSP accuracy."""
+    device = next(model.parameters()).device
+    nll, right, n, nsp_right, nsp_n = 0.0, 0, 0, 0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        selected = batch.labels != IGNORE
+        out = model(batch.ids, attention_mask=batch.attention_mask,
+                    token_type_ids=batch.token_types, mlm_mask=selected)
+        labels = batch.labels[selected]
+        loss, count = masked_lm_loss(out.mlm_logits, labels)
+        nll, n = nll + float(loss.double()), n + count
+        right += int((out.mlm_logits.argmax(-1) == labels).sum())
+        if out.nsp_logits is not None and batch.nsp is not None:
+            nsp_right += int((out.nsp_logits.argmax(-1) == batch.nsp).sum())
+            nsp_n += len(batch.nsp)
+    loss = nll / max(1, n)
+    scores = {"val_mlm_loss": loss, "val_mlm_ppl": math.exp(min(loss, 700.0)),
+              "val_mlm_acc": right / max(1, n), "val_masked": float(n)}
+    if nsp_n:
+        scores["val_nsp_acc"] = nsp_right / nsp_n
+    return scores
+
+
+def held_out(examples: list[Example], eval_cfg: MLMEvalConfig, masker: Masker, pad_id: int
+             ) -> list[MLMBatch]:
+    """Held-out batches (the first ``max_sequences``), masked once with fixed seeds."""
+    if eval_cfg.max_sequences:
+        examples = examples[: eval_cfg.max_sequences]
+    if not examples:
+        raise UserError("the held-out text gives no sequences (raise data.val_fraction)")
+    return eval_batches(examples, eval_cfg.batch_size, masker, pad_id)  # static masks
+
+
+# ---- loading trained models --------------------------------------------------------------------
+def build_family(family: str, config: dict) -> nn.Module:
+    """Rebuild a recorded BERT-family model ("bert" or "distilbert") from its config dict."""
+    if family == "bert":
+        return build_bert(from_dict(BertConfig, config))
+    if family == "distilbert":
+        return build_distilbert(from_dict(DistilBertConfig, config))
+    raise UserError(f"expected a BERT, RoBERTa or DistilBERT run, got a '{family}' model")
+
+
+def load_run_model(run_dir: str | Path, which: Literal["best", "latest"] = "best"
+                   ) -> tuple[nn.Module, Tokenizer]:
+    """A pre-training or distillation run's model (best checkpoint if any), in eval mode."""
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    if "model" not in record or not (run_dir / "tokenizer.json").is_file():
+        raise UserError(f"{run_dir} has no trained model yet")
+    model = build_family(record["model"]["family"], record["model"]["config"])
+    load_run_weights(run_dir, model, which)
+    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+def load_bert(path: str | Path) -> tuple[nn.Module, Tokenizer]:
+    """A BERT-family model and its tokenizer from an attnkit run directory (pre-training or
+    distillation) or a Hugging Face directory (``config.json`` with a ``model_type``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"no such directory: {path} (expected an attnkit run or a Hugging Face "
+                        "model directory)")
+    try:
+        record = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and "recipe" in record:
+        return load_run_model(path)
+    from attnkit.convert.hf import from_pretrained
+
+    pre = from_pretrained(path)
+    if pre.model_type not in ("bert", "roberta", "distilbert"):
+        raise UserError(f"{path} holds a '{pre.model_type}' model, not BERT/RoBERTa/DistilBERT")
+    if pre.tokenizer is None:
+        raise UserError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)")
+    return pre.model, pre.tokenizer
+
+
+def family_name(model: nn.Module) -> str:
+    """"distilbert" or "bert" (RoBERTa included) for config.json."""
+    return "distilbert" if isinstance(model.cfg, DistilBertConfig) else "bert"
+
+
+# ---- the recipe --------------------------------------------------------------------------------
+def report(run_dir: Path, scores: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
+    """Print the held-out scores and write results.json."""
+    results = {"val": scores, **(extra or {})}
+    write_json_atomic(run_dir / "results.json", results)
+    line = (f"held-out MLM: loss {scores['val_mlm_loss']:.4f}, perplexity "
+            f"{scores['val_mlm_ppl']:.2f}, accuracy {scores['val_mlm_acc']:.4f} "
+            f"({int(scores['val_masked']):,} masked tokens)")
+    if "val_nsp_acc" in scores:
+        line += f"; NSP accuracy {scores['val_nsp_acc']:.4f}"
+    print(line)
+    print(f"run directory: {run_dir}")
+    return results
+
+
+def main(cfg: PretrainConfig, recipe: str = "bert-pretrain") -> dict:
+    """Pre-train a BERT or RoBERTa on ``cfg.data``, then report held-out MLM scores."""
+    cfg = with_data_default(cfg)
+    train_texts, val_texts = load_corpus(cfg.data)
+    tok = pretrain_tokenizer(cfg, train_texts)
+    masker = Masker.for_tokenizer(cfg.masking, tok)
+    examples = examples_of(cfg, tok, train_texts, seed=cfg.train.seed)
+    batches = MLMBatches(examples, cfg.batch_size, masker, tok.pad_id, seed=cfg.train.seed)
+    val = held_out(examples_of(cfg, tok, val_texts, cfg.train.seed + 1), cfg.eval, masker,
+                   tok.pad_id)
+
+    def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
+        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
+            tok.save(run_dir / "tokenizer.json")
+        model_cfg = model_config(cfg, tok.vocab_size, tok.pad_id)
+        if dist.is_main():
+            record_model(run_dir, "bert", to_dict(model_cfg))
+        return tok, build_bert(model_cfg)
+
+    run_dir, tok, model = setup_run(recipe, cfg, create)
+    if dist.is_main():
+        print(f"{len(examples):,} training sequences ({sum(len(e.ids) for e in examples):,} "
+              f"tokens); vocabulary {tok.vocab_size}; parameters "
+              f"{sum(p.numel() for p in model.parameters()):,}", file=sys.stderr)
+    fit(model, pretrain_loss, batches, cfg.train, run_dir, evaluate=lambda m: mlm_scores(m, val))
+    if not dist.is_main():
+        return {}
+    best, _ = load_run_model(run_dir)
+    return report(run_dir, mlm_scores(best, val))
+
+
+def evaluate(run_dir: Path, cfg: PretrainConfig) -> dict:
+    """`attnkit eval RUN`: held-out MLM scores of the best checkpoint."""
+    model, tok = load_run_model(run_dir)
+    cfg = with_data_default(cfg)
+    _, val_texts = load_corpus(cfg.data)
+    val = held_out(examples_of(cfg, tok, val_texts, cfg.train.seed + 1), cfg.eval,
+                   Masker.for_tokenizer(cfg.masking, tok), tok.pad_id)
+    return report(run_dir, mlm_scores(model, val))
+
+
+def _optim(lr: float, warmup: int) -> OptimConfig:
+    """AdamW, betas (0.9, 0.999) for BERT / (0.9, 0.98) for RoBERTa, weight decay 0.01."""
+    return OptimConfig(name="adamw", lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                       schedule="cosine", warmup_steps=warmup, min_lr_ratio=0.1)
+
+
+def bert_defaults() -> PretrainConfig:
+    """BERT-tiny (2 x 128) on tiny Shakespeare: 128-token pairs, MLM + NSP, static masks."""
+    return PretrainConfig(
+        variant="bert", preset="bert-tiny", max_len=128, batch_size=32, nsp=True,
+        masking=MaskConfig(dynamic=False),
+        train=TrainConfig(steps=2000, eval_every=250, save_every=250, log_every=50,
+                          best_metric="val_mlm_loss", optim=_optim(1e-3, 100)))
+
+
+def roberta_defaults() -> PretrainConfig:
+    """RoBERTa-tiny: byte-level BPE, full sentences, dynamic masks, 4 x 32 sequences a step."""
+    optim = replace(_optim(1e-3, 100), betas=(0.9, 0.98))
+    return PretrainConfig(
+        variant="roberta", preset="roberta-tiny", max_len=128, batch_size=32, nsp=False,
+        tokenizer=TokenizerConfig(kind="bytelevel", vocab_size=8000),
+        masking=MaskConfig(dynamic=True),
+        train=TrainConfig(steps=1000, accum_steps=4, eval_every=125, save_every=125,
+                          log_every=25, best_metric="val_mlm_loss", optim=optim))

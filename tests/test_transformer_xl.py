@@ -1,0 +1,296 @@
+"""Transformer-XL: relative attention against explicit float64 math, the recurrence memory
+against full passes, the segment stream, the xl-lm recipe and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from attnkit.data.segments import SegmentStream, score_segments
+from attnkit.errors import ConfigError, UserError
+from attnkit.models.transformer_xl import TransformerXL, TransformerXLConfig, xl_arch
+from attnkit.nn.attention.relative import (
+    RelativeMultiHeadAttention,
+    flex_available,
+    rel_shift,
+    relative_table,
+)
+
+
+# ---- the efficient shift and the four terms ----------------------------------------------------
+@pytest.mark.parametrize("t,s", [(1, 1), (4, 4), (3, 7), (5, 6)])
+def test_rel_shift_moves_each_distance_into_place(t, s):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, t, s, dtype=torch.float64)
+    y = rel_shift(x)
+    assert y.shape == x.shape
+    m = s - t
+    for i in range(t):
+        for j in range(s):
+            if j <= i + m:  # distance m + i - j is column s - 1 - (m + i - j) of x
+                assert y[..., i, j].equal(x[..., i, s - 1 - (m + i - j)])
+
+
+def reference_attention(attn: RelativeMultiHeadAttention, x, mem, table, limit=None):
+    """Every term of every (query, key) pair by explicit loops, in float64."""
+    b, t, c = x.shape
+    h = torch.cat([mem, x], dim=1) if mem is not None else x
+    s, m = h.size(1), h.size(1) - t
+    heads, d = attn.n_heads, attn.head_dim
+    q = (x @ attn.q_proj.weight.T).view(b, t, heads, d)
+    k, v = (h @ attn.kv_proj.weight.T).view(b, s, 2, heads, d).unbind(2)
+    r = (table @ attn.r_proj.weight.T).view(-1, heads, d)  # (distance, H, D)
+    u, vb = attn.u, attn.v
+    out = torch.zeros(b, t, heads, d, dtype=x.dtype)
+    weights = torch.zeros(b, heads, t, s, dtype=x.dtype)
+    for bb in range(b):
+        for hh in range(heads):
+            for i in range(t):
+                scores = torch.full((s,), -math.inf, dtype=x.dtype)
+                for j in range(s):
+                    dist = m + i - j
+                    if dist < 0 or (limit is not None and dist > limit):
+                        continue
+                    qi, kj, rd = q[bb, i, hh], k[bb, j, hh], r[dist, hh]
+                    a, bt = qi @ kj, qi @ rd  # content, content-dependent position
+                    ct, dt = u[hh] @ kj, vb[hh] @ rd  # global content bias, global position bias
+                    scores[j] = (a + bt + ct + dt) / math.sqrt(d)
+                w = torch.softmax(scores, 0)
+                weights[bb, hh, i] = w
+                out[bb, i, hh] = w @ v[bb, :, hh]
+    return out.reshape(b, t, c) @ attn.out_proj.weight.T, weights
+
+
+@pytest.mark.parametrize("mem_len,clamp,limit", [(0, 0, None), (4, 0, None), (5, 3, None),
+                                                 (4, 0, 3)])
+def test_relative_attention_equals_explicit_terms(mem_len, clamp, limit):
+    torch.manual_seed(1)
+    attn = RelativeMultiHeadAttention(8, 2, impl="explicit").double().eval()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    mem = torch.randn(2, mem_len, 8, dtype=torch.float64) if mem_len else None
+    s = 3 + mem_len
+    full = relative_table(s, 8, clamp).double()
+    rows = min(s, clamp + 1) if clamp else s
+    res = attn(x, mem, full[:rows], max_distance=limit, need_weights=True)
+    ref_out, ref_w = reference_attention(attn, x, mem, full, limit)
+    torch.testing.assert_close(res.weights, ref_w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.out, ref_out, rtol=0, atol=1e-12)
+    fused = attn(x, mem, full[:rows], max_distance=limit)  # SDPA with the bias
+    torch.testing.assert_close(fused.out, ref_out, rtol=0, atol=1e-12)
+
+
+def test_relative_table_is_the_sinusoid_and_clamps():
+    r = relative_table(10, 6, clamp_len=4).double()
+    w = [10000 ** (-2 * f / 6) for f in range(3)]
+    for d in range(10):
+        dd = min(d, 4)
+        expect = [math.sin(dd * x) for x in w] + [math.cos(dd * x) for x in w]
+        torch.testing.assert_close(r[d], torch.tensor(expect, dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not flex_available(), reason="flex_attention needs torch >= 2.5")
+def test_flex_path_equals_explicit_path():
+    torch.manual_seed(2)
+    from attnkit.nn.attention.adaptive_span import AdaptiveSpan
+    from attnkit.nn.attention.persistent import PersistentMemory
+    span = AdaptiveSpan(2, max_span=12, ramp=4, init=0.3)
+    with torch.no_grad():
+        span.frac.copy_(torch.tensor([0.2, 0.9]))
+    attn = RelativeMultiHeadAttention(16, 2, span=span, persistent=PersistentMemory(2, 8, 3),
+                                      impl="explicit").eval()
+    x, mem = torch.randn(2, 10, 16), torch.randn(2, 12, 16)
+    table = relative_table(8, 16, clamp_len=7)
+    with torch.no_grad():
+        ref = attn(x, mem, table).out
+        attn.impl = "flex"
+        out = attn(x, mem, table).out
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- the model and its memory ------------------------------------------------------------------
+def tiny(**kw) -> TransformerXL:
+    base = dict(vocab_size=11, d_model=16, n_heads=2, n_layers=2, d_ff=24, dropout=0.0,
+                mem_len=4, attn_impl="explicit")
+    return TransformerXL(TransformerXLConfig(**{**base, **kw})).double().eval()
+
+
+def run_segments(model, tokens, seg, mem_len=None, need_weights=False):
+    mems, logits, weights = None, [], []
+    for start in range(0, tokens.size(1), seg):
+        out = model(tokens[:, start: start + seg], mems, mem_len=mem_len,
+                    need_weights=need_weights)
+        mems = out.mems
+        logits.append(out.logits)
+        weights.append(out.weights)
+    return torch.cat(logits, dim=1), weights, mems
+
+
+def test_segments_with_a_longer_evaluation_memory_equal_one_full_pass():
+    """With a memory holding everything so far (longer than training's mem_len = 4), every
+    layer sees the same states as one causal pass over the whole sequence."""
+    torch.manual_seed(3)
+    model = tiny(mem_len=4)
+    tokens = torch.randint(0, 11, (2, 20))
+    full = model(tokens, mem_len=0).logits
+    seg, _, mems = run_segments(model, tokens, 5, mem_len=64)
+    torch.testing.assert_close(seg, full, rtol=0, atol=1e-10)
+    assert mems[0].shape == (2, 20, 16)  # everything so far (<= 64)
+
+
+def test_finite_memory_gives_exactly_the_promised_window():
+    """One layer, memory M: query p sees keys [segment start - M, p]; equal to one full pass
+    over exactly that window, and zero weight everywhere else."""
+    torch.manual_seed(4)
+    model = tiny(n_layers=1, mem_len=3)
+    tokens = torch.randint(0, 11, (1, 16))
+    seg_logits, weights, _ = run_segments(model, tokens, 4, need_weights=True)
+    for k, start in enumerate(range(0, 16, 4)):
+        lo = max(0, start - 3)
+        ref = model(tokens[:, lo: start + 4], mem_len=0).logits[:, start - lo:]
+        torch.testing.assert_close(seg_logits[:, start: start + 4], ref, rtol=0, atol=1e-10)
+        w = weights[k][0]  # (B, H, T, S) of the only layer
+        m = w.size(-1) - 4
+        for i in range(4):
+            alive = (w[0, :, i] > 0).all(0)
+            assert alive.tolist() == [j <= m + i for j in range(m + 4)]
+
+
+def test_same_length_gives_every_query_mem_len_keys():
+    torch.manual_seed(5)
+    model = tiny(n_layers=1, mem_len=6, same_length=True)
+    tokens = torch.randint(0, 11, (1, 12))
+    _, weights, _ = run_segments(model, tokens, 4, need_weights=True)
+    seen = (weights[-1][0] > 0).sum(-1)  # (B, H, T) once the memory is full
+    assert seen.eq(6).all()
+
+
+def test_memory_is_detached_and_gradients_stay_in_the_segment():
+    torch.manual_seed(6)
+    model = TransformerXL(TransformerXLConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2,
+                                              d_ff=24, mem_len=4, attn_impl="explicit"))
+    out = model(torch.randint(0, 11, (2, 5)))
+    assert all(not m.requires_grad for m in out.mems)
+    nxt = model(torch.randint(0, 11, (2, 5)), out.mems)
+    nxt.logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---- the segment stream ------------------------------------------------------------------------
+def test_segment_stream_rows_are_contiguous_and_reset_at_each_pass():
+    stream = torch.arange(50)
+    data = SegmentStream(stream, batch_size=3, seg_len=4)  # rows of 16 -> 3 segments per pass
+    it = iter(data)
+    batches = [next(it) for _ in range(7)]
+    assert [b.reset for b in batches] == [True, False, False, True, False, False, True]
+    for b in batches:
+        assert b.targets.equal(b.ids + 1)
+    assert batches[0].ids[1].tolist() == [16, 17, 18, 19]
+    assert batches[1].ids[:, 0].equal(batches[0].targets[:, -1])  # segments follow each other
+    state = data.state_dict()
+    data.carry.mems = None
+    fresh = SegmentStream(stream, 3, 4)
+    fresh.load_state_dict(state)
+    assert next(iter(fresh)).ids.equal(next(it).ids)
+    with pytest.raises(UserError, match="seg_len 4"):
+        SegmentStream(stream, 3, 5).load_state_dict(state)
+    with pytest.raises(UserError):
+        SegmentStream(torch.arange(5), 3, 4)
+
+
+def test_segment_scoring_counts_every_target_once():
+    torch.manual_seed(7)
+    model = tiny()
+    stream = torch.randint(0, 11, (23,))
+
+    def forward(ids, mems):
+        out = model(ids, mems, mem_len=64)
+        return out.logits, out.mems
+
+    r = score_segments(forward, stream, 5)
+    full = model(stream[None, :-1], mem_len=0).logits[0]
+    nll = torch.nn.functional.cross_entropy(full, stream[1:], reduction="sum").item()
+    assert r.tokens == 22 and r.chars == 22
+    assert r.nll == pytest.approx(nll, rel=1e-9)
+    assert r.bpc == pytest.approx(nll / 22 / math.log(2), rel=1e-9)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,match", [
+    (dict(mem_len=-1), "mem_len must be >= 0"),
+    (dict(clamp_len=-2), "clamp_len"),
+    (dict(same_length=True, mem_len=0), "same_length"),
+    (dict(d_ff=0), "persistent"),
+    (dict(n_heads=3), "divisible|multiple"),
+])
+def test_bad_configs_are_one_line_errors(kw, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        TransformerXLConfig(**{"vocab_size": 10, **kw})
+    assert "\n" not in str(err.value)
+
+
+def test_bad_memory_and_unknown_keys():
+    model = tiny()
+    with pytest.raises(UserError, match="mem_len must be >= 0"):
+        model(torch.zeros(1, 3, dtype=torch.long), mem_len=-3)
+    with pytest.raises(UserError, match="does not fit"):
+        model(torch.zeros(1, 3, dtype=torch.long), [torch.zeros(2, 4, 16)] * 2)
+    with pytest.raises(ConfigError, match="did you mean 'arch.mem_len'"):
+        xl_arch("tiny", {"memlen": 3}, 10)
+
+
+def _train_recipe(tmp_path, name, steps, **over):
+    from attnkit.recipes import get_recipe, resolve_config
+    text = tmp_path / "text.txt"
+    if not text.exists():
+        text.write_text("".join(f"line {i % 37} of a small text, abc.\n" for i in range(200)))
+    recipe = get_recipe("xl-lm")
+    sets = [f"data.train={text}", f"run_dir={tmp_path / name}", "seg_len=8", "batch_size=4",
+            "preset=tiny", "arch.d_model=16", "arch.n_heads=2", "arch.n_layers=2",
+            "arch.d_ff=32", "arch.mem_len=8", "arch.dropout=0.1", f"train.steps={steps}",
+            "train.eval_every=0", "train.save_every=2", "train.log_every=1", "train.threads=1",
+            "eval.max_chars=300",
+            *[f"{k}={v}" for k, v in over.items()]]
+    return resolve_config(recipe, None, sets)
+
+
+def test_resumed_training_with_memory_equals_uninterrupted(tmp_path, capsys):
+    """The memory travels in the data state: resuming at step 2 ends bitwise equal."""
+    from attnkit.recipes.xl_lm import main
+    from attnkit.train.checkpoint import latest_checkpoint, load_weights, state_path
+    torch.manual_seed(0)
+    cfg = _train_recipe(tmp_path, "run", 4)
+    main(cfg)
+    last = latest_checkpoint(tmp_path / "run")
+    assert last.name == "step-000004.safetensors"
+    whole = load_weights(last)
+    state = torch.load(state_path(last), weights_only=True)
+    assert len(state["data"]["memory"]) == 2  # one memory tensor per layer
+    last.unlink()  # as if killed before step 4 was saved
+    state_path(last).unlink()
+    main(cfg)
+    again = load_weights(latest_checkpoint(tmp_path / "run"))
+    assert whole.keys() == again.keys() and all(whole[k].equal(again[k]) for k in whole)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["val"]["bpc"] > 0 and "val_no_memory" in results
+
+
+def test_a_run_of_another_family_is_refused(tmp_path):
+    from attnkit.recipes.xl_lm import load_xl
+    from attnkit.train.checkpoint import load_weights, save_weights
+    run = tmp_path / "gpt"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"recipe": "lm", "config": {},
+                                                 "model": {"family": "gpt2", "config": {}}}))
+    (run / "tokenizer.json").write_text("{}")
+    with pytest.raises(UserError, match="holds a 'gpt2' model"):
+        load_xl(run)
+    from attnkit.models import build_lm
+    gpt, _ = build_lm("gpt2", "tiny", {"n_positions": 16}, 11)
+    save_weights(tmp_path / "gpt.safetensors", gpt)
+    with pytest.raises(UserError, match="does not fit the model") as err:
+        load_weights(tmp_path / "gpt.safetensors", tiny())
+    assert "\n" not in str(err.value)
