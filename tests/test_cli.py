@@ -166,6 +166,16 @@ def test_recipes_lists_and_shows(capsys: pytest.CaptureFixture) -> None:
     assert set(shown["data"]) >= {"train_src", "train_tgt", "valid_src", "valid_tgt"}
 
 
+def test_export_refuses_runs_without_a_hugging_face_format(
+        copy_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    run, _ = copy_run
+    assert main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'copy' runs have no Hugging Face format" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_copy_run_layout(copy_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     run, proc = copy_run
     for name in ("config.json", "tokenizer.json", "metrics.jsonl", "plots/loss.png",

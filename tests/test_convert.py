@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a dev dependency: its absence is a failure, not a skip
 from safetensors.torch import save_file
 
 from attnkit.convert import from_pretrained, save_pretrained
 from attnkit.errors import UserError
 from attnkit.models.gpt2 import GPT2, gpt2_config
-
-transformers = pytest.importorskip("transformers")
 
 V, P = 61, 32
 

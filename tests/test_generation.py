@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers  # a dev dependency: its absence is a failure, not a skip
 from torch import nn
 
 from attnkit.cli import main as cli_main
@@ -32,8 +33,6 @@ from attnkit.generation import (
     process_logits,
 )
 from attnkit.models.gpt2 import GPT2, GPT2Config
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import transformers  # a dev dependency: its absence is a failure, not a skip
 
 from attnkit.convert.gpt2 import config_from_hf, state_from_hf
 from attnkit.errors import ConfigError, UserError
@@ -17,8 +18,6 @@ from attnkit.models.gpt2 import (
     gpt2_config,
     left_pad_positions,
 )
-
-transformers = pytest.importorskip("transformers")
 
 V, C, L, H, P = 97, 32, 3, 4, 64
 ATOL = 1e-5

@@ -153,8 +153,8 @@ def test_lm_errors_are_one_line_and_create_nothing(tmp_path, capsys):
 
 def _tiny_hf_gpt2(path: Path) -> None:
     """A random-init Hugging Face GPT-2 with a byte-level BPE tokenizer trained on the items."""
-    transformers = pytest.importorskip("transformers")
     import tokenizers
+    import transformers  # a dev dependency: its absence is a failure, not a skip
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     backend = tokenizers.Tokenizer(models.BPE())
@@ -175,10 +175,10 @@ def _tiny_hf_gpt2(path: Path) -> None:
 
 
 def test_finetune_lm_from_hugging_face_gpt2_and_export(tmp_path):
-    from attnkit.convert.hf import from_pretrained
-    from attnkit.recipes.finetune_lm import defaults, export_pretrained
+    import transformers  # a dev dependency: its absence is a failure, not a skip
 
-    transformers = pytest.importorskip("transformers")
+    from attnkit.convert.hf import from_pretrained
+    from attnkit.recipes.finetune_lm import defaults
     init, run = tmp_path / "hf", tmp_path / "run"
     _tiny_hf_gpt2(init)
     assert main(["train", "finetune-lm", *_sets([
@@ -199,7 +199,9 @@ def test_finetune_lm_from_hugging_face_gpt2_and_export(tmp_path):
     evals = _evals(run)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     # the run exports back to a directory transformers loads, with the same logits
-    out = export_pretrained(run, tmp_path / "export")
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    assert main(["export", str(run), str(out)]) == 2  # an existing directory is kept
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     ids = torch.tensor([tok.encode("Question: Which vitamin")])
     with torch.no_grad():

@@ -24,6 +24,8 @@ EPILOG = """examples:
   attnkit energy report runs/copy-20261124-101500 runs/copy-20261124-113000 --plot cost.png
   attnkit viz runs/translate-20261124-101500 "Ein Hund läuft." --view head -o head.html
   attnkit generate models/gpt2 "The meaning of life is" --top-p 0.9 --seed 1
+  attnkit viz models/bert-base-uncased "The cat sat." --pair "It was tired." --view model -o m.html
+  attnkit train lm --set data.train=my.txt && attnkit export runs/lm-20261124-101500 models/mine
 
 --set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
 are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
@@ -55,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--greedy", action="store_true", help="greedy decoding")
 
     _add_generate(sub)
+
+    x = sub.add_parser("export", help="write a trained LM or BERT-family run as a Hugging "
+                                      "Face model directory")
+    x.add_argument("run", help="run directory (lm, finetune-lm, bert-pretrain, "
+                               "roberta-pretrain, distil)")
+    x.add_argument("out", help="directory to create (transformers loads it)")
+    x.add_argument("--latest", action="store_true", help="the latest checkpoint, not the best")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing directory")
 
     r = sub.add_parser("recipes", help="list recipes, or show one's default config")
     r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
@@ -92,7 +102,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from attnkit.recipes import config_of_run
-    from attnkit.recipes.seq2seq import read_run
+    from attnkit.recipes.run import read_run
 
     recipe, cfg = config_of_run(read_run(args.run))
     recipe.evaluate(Path(args.run), cfg)
@@ -102,7 +112,8 @@ def _translate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from attnkit.recipes import config_of_run
-    from attnkit.recipes.seq2seq import decode_texts, load_model, read_run
+    from attnkit.recipes.run import read_run
+    from attnkit.recipes.seq2seq import decode_texts, load_model
     from attnkit.tokenizers import Tokenizer
 
     _, cfg = config_of_run(read_run(args.run))
@@ -195,6 +206,13 @@ def _generate(args: argparse.Namespace) -> None:
             print(("\n" if start + i else "") + chunk[i] + out, flush=True)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from attnkit.recipes import export_run
+
+    path = export_run(args.run, args.out, "latest" if args.latest else "best", args.overwrite)
+    print(f"wrote {path}")
+
+
 def _recipes(args: argparse.Namespace) -> None:
     import json
 
@@ -243,7 +261,7 @@ def _viz(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
-            "energy": _energy, "viz": _viz, "generate": _generate}
+            "energy": _energy, "viz": _viz, "generate": _generate, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

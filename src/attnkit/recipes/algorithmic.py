@@ -2,24 +2,23 @@
 
 Their data are drawn afresh from a seeded generator (:mod:`attnkit.data.algorithmic`), their
 models take a model config (not a tokenizer), and they report task figures per input length.
-The run directory is the seq2seq recipes' (:func:`attnkit.recipes.seq2seq.prepare_run_dir`):
+The run directory is every recipe's (:mod:`attnkit.recipes.run`):
 config.json with the recipe, its config and the resolved model config, checkpoints,
 metrics.jsonl, results.json.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from attnkit.config import from_dict, to_dict, unknown
 from attnkit.errors import ConfigError, UserError
-from attnkit.recipes.seq2seq import prepare_run_dir, read_run
+from attnkit.recipes import run
+from attnkit.recipes.run import read_run, record_model
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
     load_run_weights,
@@ -55,20 +54,13 @@ def setup_run(recipe: str, cfg: Any, family: str, model_cfg: Any, build: Build
               ) -> tuple[Path, nn.Module]:
     """Run directory (rank 0 creates it, others follow) and the freshly initialised model,
     whose resolved config goes into config.json under ``model``."""
-    rank, _ = dist.init_distributed()
-    run_dir: Path | None = None
-    if rank == 0:
-        run_dir = prepare_run_dir(recipe, cfg)
-        print(f"run directory: {run_dir}", file=sys.stderr)
-    run_dir = Path(dist.all_gather_object(str(run_dir))[0])
-    torch.manual_seed(cfg.train.seed)
-    model = build(model_cfg)
-    if rank == 0:
-        record = read_run(run_dir)
-        spec = {"family": family, "config": to_dict(model_cfg)}
-        if record.get("model") != spec:
-            write_json_atomic(run_dir / "config.json", {**record, "model": spec})
-    dist.barrier()
+
+    def create(run_dir: Path) -> tuple[None, nn.Module]:
+        if dist.is_main():
+            record_model(run_dir, family, to_dict(model_cfg))
+        return None, build(model_cfg)
+
+    run_dir, _, model = run.setup_run(recipe, cfg, create)
     return run_dir, model
 
 

@@ -40,7 +40,7 @@ from attnkit.losses import distillation_loss
 from attnkit.models.bert import BertConfig, encoder_of
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
 from attnkit.recipes import finetune
-from attnkit.recipes.lm import load_corpus, record_model, setup_run, with_data_default
+from attnkit.recipes.lm import load_corpus, with_data_default
 from attnkit.recipes.pretrain import (
     MLMEvalConfig,
     PretrainData,
@@ -50,6 +50,7 @@ from attnkit.recipes.pretrain import (
     make_examples,
     mlm_scores,
 )
+from attnkit.recipes.run import record_model, setup_run
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import write_json_atomic

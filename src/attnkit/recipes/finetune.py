@@ -46,9 +46,8 @@ from attnkit.models.heads import (
     TokenClassifier,
     best_spans,
 )
-from attnkit.recipes.lm import setup_run
 from attnkit.recipes.pretrain import build_family, family_name, load_bert
-from attnkit.recipes.seq2seq import read_run
+from attnkit.recipes.run import read_run, setup_run
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (

@@ -6,15 +6,15 @@ writes new ones): start from a Hugging Face GPT-2 directory (``init=DIR``, loade
 folder (JSONL records become text through ``data.template``, e.g.
 ``"Question: {question}\\nOptions: {options}\\nAnswer: {answer}"``), train on the stream
 ``<|endoftext|> item <|endoftext|> item ...`` and generate new items from a prompt (the empty
-prompt starts a new document). :func:`export_pretrained` writes the result back as a Hugging
-Face directory.
+prompt starts a new document). `attnkit export RUN DIR` (:func:`attnkit.recipes.export_run`)
+writes the result back as a Hugging Face directory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -28,12 +28,10 @@ from attnkit.recipes.lm import (
     SampleConfig,
     final_report,
     load_corpus,
-    load_model,
-    record_model,
-    setup_run,
     train_lm,
     training_windows,
 )
+from attnkit.recipes.run import record_model, setup_run
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig
@@ -112,15 +110,6 @@ def main(cfg: FinetuneLMConfig, recipe: str = "finetune-lm") -> dict:
 def evaluate(run_dir: Path, cfg: FinetuneLMConfig) -> dict:
     """`attnkit eval RUN`: held-out scores and new items from the best checkpoint."""
     return final_report(run_dir, cfg)
-
-
-def export_pretrained(run_dir: str | Path, out_dir: str | Path,
-                      which: Literal["best", "latest"] = "best", overwrite: bool = False) -> Path:
-    """Write a run's model and tokenizer as a Hugging Face directory (transformers loads it)."""
-    from attnkit.convert.hf import save_pretrained
-
-    model, tok = load_model(run_dir, which)
-    return save_pretrained(model, out_dir, tok, overwrite=overwrite)
 
 
 def defaults() -> FinetuneLMConfig:

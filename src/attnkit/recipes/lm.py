@@ -37,7 +37,8 @@ from attnkit.data.lm import (
 )
 from attnkit.errors import ConfigError, UserError
 from attnkit.models import LM_MODELS, build_lm, check_lm
-from attnkit.recipes.seq2seq import TokenizerConfig, prepare_run_dir, read_run
+from attnkit.recipes.run import read_run, record_model, setup_run
+from attnkit.recipes.seq2seq import TokenizerConfig
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
@@ -168,35 +169,6 @@ def load_corpus(data: LMData) -> tuple[list[str], list[str]]:
     if data.valid:
         return docs, read_documents(data.valid, data.pattern, data.template)
     return split_documents(docs, data.val_fraction)
-
-
-# ---- run directory and model -------------------------------------------------------------------
-def record_model(run_dir: Path, family: str, resolved: dict) -> None:
-    """Write the built model's family and resolved config into config.json (rank 0)."""
-    record = read_run(run_dir)
-    spec = {"family": family, "config": resolved}
-    if record.get("model") != spec:
-        record["model"] = spec
-        write_json_atomic(run_dir / "config.json", record)
-
-
-def setup_run(recipe: str, cfg: LMRunConfig,
-              create: Callable[[Path], tuple[Tokenizer, nn.Module]]) -> tuple[Path, Tokenizer,
-                                                                             nn.Module]:
-    """Run directory, then ``create(run_dir) -> (tokenizer, model)``; under torchrun rank 0
-    creates first and the others read what it wrote."""
-    rank, _ = dist.init_distributed()
-    run_dir: Path | None = None
-    if rank == 0:
-        run_dir = prepare_run_dir(recipe, cfg)  # type: ignore[arg-type]
-        print(f"run directory: {run_dir}", file=sys.stderr)
-    run_dir = Path(dist.all_gather_object(str(run_dir))[0])
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            torch.manual_seed(cfg.train.seed)
-            tok, model = create(run_dir)
-        dist.barrier()
-    return run_dir, tok, model
 
 
 def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best"

@@ -47,8 +47,9 @@ from attnkit.errors import ConfigError, UserError
 from attnkit.losses import masked_lm_loss
 from attnkit.models.bert import BertConfig, bert_config, build_bert
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
-from attnkit.recipes.lm import LMData, load_corpus, record_model, setup_run, with_data_default
-from attnkit.recipes.seq2seq import TokenizerConfig, read_run
+from attnkit.recipes.lm import LMData, load_corpus, with_data_default
+from attnkit.recipes.run import read_run, record_model, setup_run
+from attnkit.recipes.seq2seq import TokenizerConfig
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (

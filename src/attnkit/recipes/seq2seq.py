@@ -7,7 +7,6 @@ trainer, decoding and the final report. Recipes stay short and cannot drift apar
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,13 +17,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnkit.config import from_dict, to_dict, unknown
+from attnkit.config import unknown
 from attnkit.data.batching import TokenBatches, eval_batches
 from attnkit.decoding import beam_search, greedy_search
 from attnkit.errors import ConfigError, UserError
 from attnkit.evaluation import METRICS, perplexity
 from attnkit.losses import label_smoothed_nll
 from attnkit.models import build_seq2seq, check_seq2seq
+from attnkit.recipes.run import read_run, setup_run
 from attnkit.tokenizers import KINDS, Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
@@ -96,48 +96,6 @@ class Task:
     train: Pairs
     evals: dict[str, Pairs]
     metric: str
-
-
-# ---- run directory -----------------------------------------------------------------------------
-def prepare_run_dir(recipe: str, cfg: Seq2SeqConfig) -> Path:
-    """Create the run directory and its config.json; an existing run must have the same config."""
-    run_dir = Path(cfg.run_dir or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    record = {"recipe": recipe, "config": to_dict(cfg)}
-    path = run_dir / "config.json"
-    if path.exists():
-        old = read_run(run_dir)
-        # where the run lives is not part of what it is (a moved run resumes too), and settings
-        # added to attnkit since the run started take their defaults
-        try:
-            old_config = to_dict(from_dict(type(cfg), old["config"]))
-        except ConfigError:
-            old_config = old["config"]
-        same = old["recipe"] == recipe and {**old_config, "run_dir": ""} == {
-            **record["config"], "run_dir": ""}
-        if not same:
-            raise UserError(f"{run_dir} holds a run with another recipe or config; choose "
-                            "another run_dir (or repeat that run's settings to resume it)")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} exists and is not an attnkit run; choose another run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, record)
-    return run_dir
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """A run directory's config.json (recipe, config, model) with one-line errors."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not an attnkit run directory (no config.json)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt: {err}") from None
-    if not (isinstance(record, dict) and isinstance(record.get("recipe"), str)
-            and isinstance(record.get("config"), dict)):
-        raise UserError(f"{path} is not an attnkit run config (no recipe and config)")
-    return record
 
 
 def get_tokenizer(run_dir: Path, cfg: TokenizerConfig, texts: Callable[[], list[str]]
@@ -266,21 +224,13 @@ def check_before_run(cfg: Seq2SeqConfig, task: Task) -> None:
 
 def _setup(recipe: str, cfg: Seq2SeqConfig, task: Task) -> tuple[Path, Tokenizer, nn.Module]:
     """Run directory, tokenizer and model; under torchrun rank 0 creates, the others read."""
-    rank, _ = dist.init_distributed()
-    run_dir: Path | None = None
-    if rank == 0:
-        check_before_run(cfg, task)
-        run_dir = prepare_run_dir(recipe, cfg)
-        print(f"run directory: {run_dir}", file=sys.stderr)
-    run_dir = Path(dist.all_gather_object(str(run_dir))[0])
-    for turn in (0, 1):  # rank 0 first, so that the others find what it wrote
-        if (rank == 0) == (turn == 0):
-            tok = get_tokenizer(run_dir, cfg.tokenizer,
-                                lambda: [x for p in task.train for x in p])
-            torch.manual_seed(cfg.train.seed)
-            model = build_model(run_dir, cfg, tok)
-        dist.barrier()
-    return run_dir, tok, model
+    check_before_run(cfg, task)
+
+    def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
+        tok = get_tokenizer(run_dir, cfg.tokenizer, lambda: [x for p in task.train for x in p])
+        return tok, build_model(run_dir, cfg, tok)
+
+    return setup_run(recipe, cfg, create)
 
 
 def train(recipe: str, cfg: Seq2SeqConfig, task: Task) -> Path:

@@ -31,8 +31,9 @@ from attnkit.data.segments import SegmentScore, SegmentStream, score_segments
 from attnkit.errors import ConfigError, UserError
 from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
-from attnkit.recipes.lm import LMData, load_corpus, record_model, setup_run, with_data_default
-from attnkit.recipes.seq2seq import TokenizerConfig, get_tokenizer, read_run
+from attnkit.recipes.lm import LMData, load_corpus, with_data_default
+from attnkit.recipes.run import read_run, record_model, setup_run
+from attnkit.recipes.seq2seq import TokenizerConfig, get_tokenizer
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
