@@ -129,6 +129,7 @@ def test_distil_recipe_end_to_end(tmp_path):
     assert 0.0 <= res["student_mlm"]["val_mlm_acc"] <= 1.0 and "mlm_acc_retained" in res
     assert -1.0 <= res["val_cos"] <= 1.0
     missing = resolve_config(recipe, None, [f"teacher={tmp_path / 'nothing'}",
+                                            f"data.train={tmp_path / 'text.txt'}",
                                             f"run_dir={tmp_path / 'bad'}"])
     with pytest.raises(UserError, match="no such directory"):
         recipe.main(missing, recipe=recipe.name)
