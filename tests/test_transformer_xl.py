@@ -12,12 +12,8 @@ import torch
 from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.errors import ConfigError, UserError
 from attnkit.models.transformer_xl import TransformerXL, TransformerXLConfig, xl_arch
-from attnkit.nn.attention.relative import (
-    RelativeMultiHeadAttention,
-    flex_available,
-    rel_shift,
-    relative_table,
-)
+from attnkit.nn.attention.flex import flex_available
+from attnkit.nn.attention.relative import RelativeMultiHeadAttention, rel_shift, relative_table
 
 
 # ---- the efficient shift and the four terms ----------------------------------------------------

@@ -195,27 +195,32 @@ def _prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
     return tok.encode(prompt) if prompt else [tok.eos_id]
 
 
+def _generation_config(cfg: SampleConfig, eos: int | None, seed: int):
+    from attnkit.generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            eos_id=eos, seed=seed)
+
+
 def _sample_recompute(model: nn.Module, prompt: list[int], cfg: SampleConfig, context: int,
                       eos: int | None, seed: int) -> list[int]:
-    """Any model: the whole (cropped) context recomputed per token; own generator."""
+    """Any model: the whole (cropped) context recomputed per token; own generator; the same
+    logit filters as :mod:`attnkit.generation`."""
+    from attnkit.generation import process_logits
+
+    gen_cfg = _generation_config(cfg, eos, seed)
     gen = torch.Generator().manual_seed(seed)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids, out = list(prompt), []
     for _ in range(cfg.max_new_tokens):
         x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
-        logits = logits_of(model, x)[0, -1].float().cpu()  # (V,)
+        logits = logits_of(model, x)[:, -1].float().cpu()  # (1, V)
         if cfg.temperature == 0:
             nxt = int(logits.argmax())
         else:
-            logits = logits / cfg.temperature
-            if cfg.top_k:
-                kth = logits.topk(min(cfg.top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if cfg.top_p < 1.0:
-                probs, order = logits.softmax(-1).sort(descending=True)
-                drop = probs.cumsum(-1) - probs >= cfg.top_p  # keep until p is reached
-                logits[order[drop]] = float("-inf")
-            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+            probs = process_logits(logits, gen_cfg).softmax(-1)[0]
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
         if nxt == eos:
             break
         ids.append(nxt)
@@ -229,19 +234,15 @@ def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: i
     Cached generation (:mod:`attnkit.generation`) when the model has a cache and prompt plus new
     tokens fit its context; otherwise a sliding context of ``context`` tokens, recomputed.
     """
+    from attnkit.generation import generate
+
     prompt = _prompt_ids(tok, cfg.prompt)
     texts = []
     n_positions = getattr(getattr(model, "config", None), "n_positions", 0)
     cached = hasattr(model, "new_cache") and len(prompt) + cfg.max_new_tokens <= n_positions
-    from attnkit.generation import GenerationConfig, generate
-
     for i in range(cfg.n):
         if cached:
-            gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens,
-                                   do_sample=cfg.temperature > 0, temperature=cfg.temperature,
-                                   top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tok.eos_id,
-                                   seed=cfg.seed + i)
-            new = generate(model, [prompt], gen)[0]
+            new = generate(model, [prompt], _generation_config(cfg, tok.eos_id, cfg.seed + i))[0]
             new = [t for t in new if t != tok.eos_id]
         else:
             new = _sample_recompute(model, prompt, cfg, context, tok.eos_id, cfg.seed + i)

@@ -33,13 +33,13 @@ from torch import Tensor, nn
 
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan
 from attnkit.nn.attention.core import attention
+from attnkit.nn.attention.flex import compiled_flex, flex_available
 from attnkit.nn.attention.multihead import MHAOutput
 from attnkit.nn.attention.persistent import PersistentMemory
 
 Impl = Literal["auto", "explicit", "flex"]
 FLEX_MIN_SCORES = 1 << 20  # "auto" takes the flex path from T * S >= this (compile cost ~7 s)
 FLEX_MAX_SHAPES = 4  # ... for at most this many (T, S) shapes per process (one compile each)
-_compiled: dict[str, object] = {}
 _flex_shapes: set[tuple[int, int]] = set()
 
 
@@ -181,15 +181,6 @@ class RelativeMultiHeadAttention(nn.Module):
             ramp=ramp, scale=1.0 / math.sqrt(self.head_dim))
 
 
-def flex_available() -> bool:
-    """Whether this torch has ``flex_attention`` (torch >= 2.5)."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def flex_relative(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, context: int, limit: int,
                   spans: Tensor | None, ramp: int, scale: float) -> Tensor:
     """Relative attention through ``flex_attention`` (forward only on CPU): returns (B, H, T, D).
@@ -200,9 +191,7 @@ def flex_relative(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, context: int,
     score gains log m_z(d) (adaptive span). The block mask lets the kernel skip blocks
     outside the window.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    if "flex" not in _compiled:
-        _compiled["flex"] = torch.compile(flex_attention, dynamic=False)
+    from torch.nn.attention.flex_attention import create_block_mask
     t, s = q.size(2), k.size(2)
     dev = q.device
     # scalars as tensors: the compiled kernel is reused when only their values change
@@ -224,4 +213,4 @@ def flex_relative(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, context: int,
         return ((d >= 0) & (d <= lim)) | (ki >= ctx)
 
     block_mask = create_block_mask(mask_mod, None, None, t, s, device=dev)
-    return _compiled["flex"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
