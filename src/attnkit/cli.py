@@ -1,4 +1,4 @@
-"""The `attnkit` command: train, eval, translate, recipes, energy, viz.
+"""The `attnkit` command: train, eval, translate, generate, export, download, recipes, energy, viz.
 
 Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
 """
@@ -26,6 +26,7 @@ EPILOG = """examples:
   attnkit generate models/gpt2 "The meaning of life is" --top-p 0.9 --seed 1
   attnkit viz models/bert-base-uncased "The cat sat." --pair "It was tired." --view model -o m.html
   attnkit train lm --set data.train=my.txt && attnkit export runs/lm-20261124-101500 models/mine
+  attnkit download enwik8 && attnkit train xl-lm --set data.train=data/enwik8/train.txt ...
 
 --set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
 are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="directory to create (transformers loads it)")
     x.add_argument("--latest", action="store_true", help="the latest checkpoint, not the best")
     x.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+
+    d = sub.add_parser("download", help="download, check and split a standard corpus "
+                                        "(enwik8, text8)")
+    d.add_argument("corpus", help="enwik8 or text8")
+    d.add_argument("--dir", default="data", help="parent directory (default: data)")
 
     r = sub.add_parser("recipes", help="list recipes, or show one's default config")
     r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
@@ -213,6 +219,16 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _download(args: argparse.Namespace) -> None:
+    from attnkit.data.corpora import fetch_corpus
+
+    paths = fetch_corpus(args.corpus, args.dir)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    print(f"train with: attnkit train xl-lm --set data.train={paths['train']} "
+          f"--set data.valid={paths['valid']}")
+
+
 def _recipes(args: argparse.Namespace) -> None:
     import json
 
@@ -261,7 +277,8 @@ def _viz(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
-            "energy": _energy, "viz": _viz, "generate": _generate, "export": _export}
+            "energy": _energy, "viz": _viz, "generate": _generate, "export": _export,
+            "download": _download}
 
 
 def main(argv: list[str] | None = None) -> int:
