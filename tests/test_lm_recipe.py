@@ -19,7 +19,8 @@ from attnkit.cli import main
 from attnkit.data.lm import encode_documents, eval_windows, n_characters, score
 from attnkit.recipes.lm import (
     SampleConfig,
-    _sample_recompute,
+    _recompute_step,
+    _sample,
     load_corpus,
     load_model,
     sample_texts,
@@ -94,7 +95,7 @@ def test_lm_recipe_trains_evaluates_and_samples(tmp_path, capsys):
     greedy = SampleConfig(prompt="the ", n=1, max_new_tokens=12, temperature=0.0)
     with torch.no_grad():
         cached = sample_texts(model, tok, greedy, 32)[0]
-        plain = _sample_recompute(model, tok.encode("the "), greedy, 32, tok.eos_id, 0)
+        plain = _sample(_recompute_step(model, 32), tok.encode("the "), greedy, tok.eos_id, 0)
     assert cached == "the " + tok.decode(plain)
 
 

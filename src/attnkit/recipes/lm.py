@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attnkit.config import unknown
 from attnkit.data.lm import (
@@ -203,19 +203,41 @@ def _generation_config(cfg: SampleConfig, eos: int | None, seed: int):
                             eos_id=eos, seed=seed)
 
 
-def _sample_recompute(model: nn.Module, prompt: list[int], cfg: SampleConfig, context: int,
-                      eos: int | None, seed: int) -> list[int]:
-    """Any model: the whole (cropped) context recomputed per token; own generator; the same
+def _recompute_step(model: nn.Module, context: int) -> Callable[[list[int]], Tensor]:
+    """Next-token logits of any model: the whole (cropped) context recomputed per token."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def step(ids: list[int]) -> Tensor:
+        x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
+        return logits_of(model, x)[:, -1]
+    return step
+
+
+def _memory_step(model: nn.Module) -> Callable[[list[int]], Tensor]:
+    """Next-token logits of a Transformer-XL: the prompt is read once, then every new token is
+    a one-token segment after the memory (its mem_len positions), O(mem_len) a token."""
+    device = next(model.parameters()).device
+    state: dict[str, Any] = {"mems": None, "read": 0}
+
+    def step(ids: list[int]) -> Tensor:
+        x = torch.tensor([ids[state["read"]:]], dtype=torch.long, device=device)
+        out = model(x, state["mems"])
+        state.update(mems=out.mems, read=len(ids))
+        return out.logits[:, -1]
+    return step
+
+
+def _sample(step: Callable[[list[int]], Tensor], prompt: list[int], cfg: SampleConfig,
+            eos: int | None, seed: int) -> list[int]:
+    """New tokens after ``prompt`` from ``step``'s logits, with its own generator and the same
     logit filters as :mod:`attnkit.generation`."""
     from attnkit.generation import process_logits
 
     gen_cfg = _generation_config(cfg, eos, seed)
     gen = torch.Generator().manual_seed(seed)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids, out = list(prompt), []
     for _ in range(cfg.max_new_tokens):
-        x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
-        logits = logits_of(model, x)[:, -1].float().cpu()  # (1, V)
+        logits = step(ids).float().cpu()  # (1, V)
         if cfg.temperature == 0:
             nxt = int(logits.argmax())
         else:
@@ -228,11 +250,13 @@ def _sample_recompute(model: nn.Module, prompt: list[int], cfg: SampleConfig, co
     return out
 
 
+@torch.no_grad()
 def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: int) -> list[str]:
     """``cfg.n`` continuations of ``cfg.prompt`` (prompt included), sample i seeded seed + i.
 
     Cached generation (:mod:`attnkit.generation`) when the model has a cache and prompt plus new
-    tokens fit its context; otherwise a sliding context of ``context`` tokens, recomputed.
+    tokens fit its context; a Transformer-XL reads one token at a time after its memory; any
+    other model recomputes a sliding context of ``context`` tokens.
     """
     from attnkit.generation import generate
 
@@ -245,7 +269,9 @@ def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: i
             new = generate(model, [prompt], _generation_config(cfg, tok.eos_id, cfg.seed + i))[0]
             new = [t for t in new if t != tok.eos_id]
         else:
-            new = _sample_recompute(model, prompt, cfg, context, tok.eos_id, cfg.seed + i)
+            step = (_memory_step(model) if getattr(model, "family", "") == "transformer-xl"
+                    else _recompute_step(model, context))
+            new = _sample(step, prompt, cfg, tok.eos_id, cfg.seed + i)
         texts.append(cfg.prompt + tok.decode(new))
     return texts
 
@@ -316,8 +342,7 @@ def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest
             stream, cfg.block_size, cfg.eval.batch_size, cfg.eval.stride), chars).as_dict(),
             "stride": cfg.eval.stride}
     if cfg.sample.n:
-        with torch.no_grad():
-            results["samples"] = sample_texts(model, tok, cfg.sample, cfg.block_size)
+        results["samples"] = sample_texts(model, tok, cfg.sample, cfg.block_size)
         show_samples(results["samples"], run_dir, None)
     write_json_atomic(run_dir / "results.json", results)
     for name in ("val", "val_sliding"):

@@ -11,6 +11,8 @@ the learned spans (``plots/spans.png``) and the attention FLOPs saved.
 
 Evaluation scores the held-out text segment by segment with the memory carried (bits per
 character); ``eval.mem_len`` may be longer than training's (relative positions extrapolate).
+Samples (``sample.*``, as in the "lm" recipe) are printed at every evaluation and in the report;
+they read the prompt once and then one token at a time after the memory.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from attnkit.data.segments import SegmentScore, SegmentStream, score_segments
 from attnkit.errors import ConfigError, UserError
 from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
-from attnkit.recipes.lm import LMData, load_corpus, with_data_default
+from attnkit.recipes.lm import (
+    LMData,
+    SampleConfig,
+    load_corpus,
+    sample_texts,
+    show_samples,
+    with_data_default,
+)
 from attnkit.recipes.run import read_run, record_model, setup_run
 from attnkit.recipes.seq2seq import TokenizerConfig, get_tokenizer
 from attnkit.tokenizers import Tokenizer
@@ -72,6 +81,7 @@ class XLLMConfig:
     batch_size: int = 16     # parallel streams (rows) per optimiser step
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: XLEvalConfig = field(default_factory=XLEvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     run_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -130,7 +140,9 @@ def _eval_settings(cfg: XLLMConfig, model: TransformerXL) -> tuple[int, int]:
     return cfg.eval.seg_len or cfg.seg_len, cfg.eval.mem_len or model.cfg.mem_len
 
 
-def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: XLLMConfig):
+def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: XLLMConfig, run_dir: Path,
+                  segments: SegmentStream):
+    """Held-out loss and bpc (the first eval.max_chars) and samples."""
     docs = truncate(val_docs, cfg.eval.max_chars)
     stream, chars = encode_documents(tok, docs), n_characters(docs)
 
@@ -138,6 +150,9 @@ def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: XLLMConfig):
         model = dist.unwrap(model)
         seg, mem = _eval_settings(cfg, model)
         result = evaluate_bpc(model, stream, seg, mem, cfg.eval.batch_size, chars)
+        if cfg.sample.n:
+            step = segments.index // max(1, cfg.train.accum_steps)
+            show_samples(sample_texts(model, tok, cfg.sample, cfg.seg_len), run_dir, step)
         return {"val_loss": result.loss, "val_bpc": result.bpc}
     return evaluate
 
@@ -195,6 +210,9 @@ def final_report(run_dir: Path, cfg: XLLMConfig) -> dict:
         results[name] = {"loss": r.loss, "bpc": r.bpc, "tokens": r.tokens, "mem_len": m,
                          "seg_len": seg, "seconds": round(time.perf_counter() - start, 2)}
         print(f"{name}: {r.bpc:.4f} bits per character (memory {m}, segments of {seg})")
+    if cfg.sample.n:
+        results["samples"] = sample_texts(model, tok, cfg.sample, cfg.seg_len)
+        show_samples(results["samples"], run_dir, None)
     spans = span_report(model, cfg.seg_len)
     if spans:
         results["adaptive_span"] = spans
@@ -224,7 +242,7 @@ def main(cfg: XLLMConfig, recipe: str = "xl-lm") -> dict:
               f"{segments.n_segments} segments; parameters "
               f"{sum(p.numel() for p in model.parameters()):,}", file=sys.stderr)
     fit(model, xl_loss, segments, cfg.train, run_dir,
-        evaluate=make_evaluate(tok, val_docs, cfg))
+        evaluate=make_evaluate(tok, val_docs, cfg, run_dir, segments))
     return final_report(run_dir, cfg) if dist.is_main() else {}
 
 
@@ -238,6 +256,7 @@ def defaults() -> XLLMConfig:
     return XLLMConfig(
         preset="tiny", arch={"dropout": 0.1}, tokenizer=TokenizerConfig(kind="char"),
         seg_len=64, batch_size=16, eval=XLEvalConfig(max_chars=20_000),
+        sample=SampleConfig(prompt="\n", n=1, max_new_tokens=200),
         train=TrainConfig(steps=2000, eval_every=250, save_every=250, log_every=50,
                           best_metric="val_loss",
                           optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
