@@ -272,6 +272,29 @@ def test_resumed_training_with_memory_equals_uninterrupted(tmp_path, capsys):
     assert whole.keys() == again.keys() and all(whole[k].equal(again[k]) for k in whole)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["val"]["bpc"] > 0 and "val_no_memory" in results
+    assert len(results["samples"]) == 1 and results["samples"][0].startswith("\n")
+
+
+def test_sampling_with_memory_equals_recomputing_the_whole_text():
+    """One token at a time after the memory gives the logits of a full pass over the text
+    (the memory holds every earlier position), so greedy and seeded sampling agree."""
+    from attnkit.recipes.lm import SampleConfig, _memory_step, _recompute_step, _sample
+    torch.manual_seed(0)
+    model = TransformerXL(xl_arch("tiny", {"d_model": 32, "n_heads": 2, "n_layers": 2,
+                                           "d_ff": 64, "mem_len": 64, "dropout": 0.0}, 23))
+    model.eval()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        memory, full = _memory_step(model), _recompute_step(model, 64)
+        ids = list(prompt)
+        for nxt in (5, 3, 5, 8, 9, 7, 9, 3):
+            torch.testing.assert_close(memory(ids), full(ids), atol=1e-5, rtol=1e-5)
+            ids.append(nxt)
+        for temperature in (0.0, 1.0):
+            cfg = SampleConfig(n=1, max_new_tokens=30, temperature=temperature)
+            a = _sample(_memory_step(model), prompt, cfg, None, 7)
+            b = _sample(_recompute_step(model, 64), prompt, cfg, None, 7)
+            assert a == b and len(a) == 30
 
 
 def test_a_run_of_another_family_is_refused(tmp_path):
@@ -290,3 +313,14 @@ def test_a_run_of_another_family_is_refused(tmp_path):
     with pytest.raises(UserError, match="does not fit the model") as err:
         load_weights(tmp_path / "gpt.safetensors", tiny())
     assert "\n" not in str(err.value)
+
+
+def test_paper_presets_have_the_published_sizes():
+    """Dai et al. 2019 Table 1: the 12-layer enwik8 model has 41M parameters. Sukhbaatar et al.
+    2019a Table 1: the small adaptive-span model has 38M; ours sits on Transformer-XL's relative
+    attention, which adds one d x d position projection W_r per layer."""
+    vocab = 204  # enwik8's byte vocabulary in the Transformer-XL data
+    sizes = {p: sum(x.numel() for x in TransformerXL(xl_arch(p, {}, vocab)).parameters())
+             for p in ("enwik8-base", "adaptive-span-small")}
+    assert sizes["enwik8-base"] == pytest.approx(41e6, rel=0.01)
+    assert sizes["adaptive-span-small"] - 12 * 512**2 == pytest.approx(38e6, rel=0.01)
