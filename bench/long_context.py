@@ -39,8 +39,9 @@ from attnkit.data.lm import LMWindows, eval_windows, lm_loss, score
 from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.models.gpt2 import GPT2, GPT2Config
 from attnkit.models.transformer_xl import TransformerXL, xl_config
-from attnkit.nn.attention.adaptive_span import AdaptiveSpan, attention_flops
+from attnkit.nn.attention.adaptive_span import AdaptiveSpan, attention_flops, span_penalty
 from attnkit.nn.attention.relative import RelativeMultiHeadAttention, relative_table
+from attnkit.train.optim import param_groups
 
 HERE = Path(__file__).resolve().parent
 
@@ -158,8 +159,8 @@ class Trainer:
 
     def __init__(self, model, train_ids, size: dict, seed: int = 0) -> None:
         self.model, self.xl = model, isinstance(model, TransformerXL)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], betas=(0.9, 0.99),
-                                     weight_decay=0.1)
+        # the recipes' rule: no decay for span fractions, norms, biases, embeddings
+        self.opt = torch.optim.AdamW(param_groups(model, 0.1), lr=size["lr"], betas=(0.9, 0.99))
         if self.xl:
             self.batches = iter(SegmentStream(train_ids, size["batch"], size["seg_len"]))
         else:
@@ -176,9 +177,7 @@ class Trainer:
             out = self.model(batch.ids, None if batch.reset else batch.carry.mems)
             batch.carry.mems = out.mems
             loss, n = lm_loss(out.logits, batch.targets)
-            spans = self.model.spans()
-            if spans:
-                loss = loss + sum(z.mean() for z in spans) * self.model.cfg.span_loss * n
+            loss = loss + span_penalty(self.model.spans(), self.model.cfg.span_loss) * n
         else:
             loss, n = lm_loss(self.model(batch.ids).logits, batch.targets)
         (loss / n).backward()
@@ -261,7 +260,33 @@ def part_lm(size: dict, threads: int, out: Path) -> dict:
 
 
 # ---- part 3: evaluation cost against context length ---------------------------------------------
-def part_eval_cost(contexts: list[int], size: dict, repeats: int) -> list[dict]:
+def plot_eval_cost(rows: list[dict], path: Path) -> None:
+    """Milliseconds per predicted token against context length, both models, log-log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    ctx = [r["context"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.loglog(ctx, [r["vanilla_ms_per_token"] for r in rows], "o-",
+              label="vanilla (window re-encoded per token)")
+    ax.loglog(ctx, [r["xl_ms_per_token"] for r in rows], "s-", label="Transformer-XL (memory)")
+    for r in rows:
+        ax.annotate(f"{r['speedup']:.0f}x", (r["context"], r["xl_ms_per_token"]),
+                    textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+    ax.set_xticks(ctx, [str(c) for c in ctx])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("context length L")
+    ax.set_ylabel("ms per predicted token")
+    ax.set_title("speed-up of memory reuse over re-encoding", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def part_eval_cost(contexts: list[int], size: dict, repeats: int, out: Path) -> list[dict]:
     c, layers, seg = size["d_model"], size["layers"], size["seg_len"]
     print(f"\n## Evaluation cost per predicted token ({layers} x {c}, XL segments of {seg})\n")
     print("| context L | vanilla ms/token | XL ms/token | speed-up |")
@@ -292,6 +317,8 @@ def part_eval_cost(contexts: list[int], size: dict, repeats: int) -> list[dict]:
         rows.append({"context": ctx, "vanilla_ms_per_token": v_ms, "xl_ms_per_token": x_ms,
                      "speedup": v_ms / x_ms})
         print(f"| {ctx} | {v_ms:.2f} | {x_ms:.3f} | {v_ms / x_ms:.0f}x |")
+    plot_eval_cost(rows, out / "eval_cost.png")
+    print(f"\nplot: {out / 'eval_cost.png'}")
     return rows
 
 
@@ -347,7 +374,7 @@ def main() -> None:
         results["lm"] = part_lm(size, args.threads, out)
     if args.part in ("all", "eval-cost"):
         contexts = [64, 256] if args.tiny else [256, 512, 1024, 2048, 4096]
-        results["eval_cost"] = part_eval_cost(contexts, size, 2 if args.tiny else 5)
+        results["eval_cost"] = part_eval_cost(contexts, size, 2 if args.tiny else 5, out)
     results["load_after"] = load()
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n# load average after: {load()}; results in {out / 'results.json'}")
