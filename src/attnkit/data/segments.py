@@ -13,8 +13,10 @@ Memory reset rules (training, :class:`SegmentStream`):
   when the stream wraps around, the next segment does not follow the previous one;
 - it is saved in :meth:`SegmentStream.state_dict`, so a resumed run continues with the memory
   it had (bitwise equal to an uninterrupted run). Under torch.distributed each rank keeps the
-  memory of its own rows and the checkpoint (written by rank 0) cannot hold the others': a
-  resume with several processes starts with an empty memory (one segment of less context).
+  memory of its own rows; the training loop gathers every rank's state into the checkpoint
+  (``per_rank_state``) and each rank takes its own back. Resumed with another number of
+  processes, the rows move between ranks and the memory starts empty (one segment of less
+  context, said on stderr).
 
 Evaluation (:func:`score_segments`) reads held-out text the same way (one row by default, so
 every character is scored) with the memory carried across all its segments, and reports bits
@@ -24,6 +26,7 @@ per character.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -110,9 +113,10 @@ class SegmentStream:
             self.index += 1  # before yielding: the state names the next batch
             yield self.segment(k)
 
+    per_rank_state = True  # the memory differs between ranks: fit saves every rank's state
+
     def state_dict(self) -> dict:
-        from attnkit.train import distributed as dist
-        mems = self.carry.mems if dist.world_size() == 1 and self.carry.mems else []
+        mems = self.carry.mems or []
         return {"index": self.index, "batch_size": self.batch_size, "seg_len": self.seg_len,
                 "n_segments": self.n_segments,
                 "memory": [m.detach().cpu() for m in mems]}
@@ -128,6 +132,12 @@ class SegmentStream:
                                 f"data now gives {getattr(self, key)}")
         self.index = index
         mems = list(state.get("memory") or [])
+        from attnkit.train import distributed as dist
+        rows = len(range(dist.rank(), self.batch_size, dist.world_size()))
+        if mems and any(m.dim() < 1 or m.size(0) != rows for m in mems):
+            print(f"note: the saved segment memory holds {mems[0].size(0)} rows, this process "
+                  f"reads {rows}: starting with an empty memory", file=sys.stderr)
+            mems = []
         self.carry.mems = mems or None
 
 

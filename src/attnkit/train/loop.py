@@ -153,13 +153,17 @@ class _Run:
     energy: RunEnergy | None = None
     checkpoint_energy: dict | None = None  # the energy totals a resumed checkpoint holds
 
-    def state(self, rngs: list) -> dict[str, Any]:
+    def state(self, rngs: list, data: list | None = None) -> dict[str, Any]:
+        """The resumable state; ``data``: every rank's stream state when they differ (a
+        Transformer-XL memory is per rank), else rank 0's alone."""
         state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                  "best": self.best, "metrics": dict(self.metrics), "rng": rngs,
                  "energy": self.energy.state() if self.energy is not None else {},
                  "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
                  "data": self.batches.state_dict(), "config": to_dict(self.cfg)}
+        if data and len(data) > 1:
+            state["data_per_rank"] = data
         _check_plain(state)
         return state
 
@@ -177,7 +181,9 @@ def _restore(run: _Run, resume: bool) -> str | None:
     try:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
-        run.batches.load_state_dict(state["data"])
+        per_rank = state.get("data_per_rank") or []
+        run.batches.load_state_dict(per_rank[run.rank] if len(per_rank) == run.world
+                                    else state["data"])
         rngs = state["rng"]
         set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0])
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state["elapsed"]
@@ -257,11 +263,15 @@ def _evaluate(run: _Run, evaluate: EvalFn, log: RunLog) -> None:
 
 
 def _save(run: _Run) -> None:
-    """Every rank contributes its RNG state; rank 0 writes the checkpoint."""
+    """Every rank contributes its RNG state and, when it keeps one of its own (memory), its
+    stream state; rank 0 writes the checkpoint."""
     rngs = dist.all_gather_object(rng_state())
+    data = (dist.all_gather_object(run.batches.state_dict())
+            if getattr(run.batches, "per_rank_state", False) and run.world > 1 else None)
     run.energy.update(run.step, run.tokens, run.metrics)  # energy.json, then the checkpoint
     if run.rank == 0:
-        save_checkpoint(run.run_dir, run.step, run.raw, run.state(rngs), run.cfg.keep_last)
+        save_checkpoint(run.run_dir, run.step, run.raw, run.state(rngs, data),
+                        run.cfg.keep_last)
     run.last_save = run.step
 
 
