@@ -316,7 +316,9 @@ def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
     ``batches`` is an endless iterable of batches (``.to(device)``, ``.shard(rank, world)``,
     ``.n_tokens``) with ``state_dict()`` / ``load_state_dict()``: its state must name the next
     batch ``iter(batches)`` yields, and hold only tensors, numbers, strings, lists and dicts.
-    Under torchrun every rank reads the whole stream and trains on its shard of each batch.
+    Under torchrun every rank reads the whole stream and trains on its shard of each batch; a
+    stream whose state differs between ranks (``per_rank_state = True``, e.g. a segment memory)
+    has every rank's state saved and restored.
     ``evaluate(model) -> metrics`` runs on rank 0 in eval mode under ``torch.no_grad()``.
     """
     if cfg.best_metric and evaluate is None:
