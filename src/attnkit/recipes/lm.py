@@ -251,12 +251,13 @@ def _sample(step: Callable[[list[int]], Tensor], prompt: list[int], cfg: SampleC
 
 
 @torch.no_grad()
-def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: int) -> list[str]:
+def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: int,
+                 memory: bool = False) -> list[str]:
     """``cfg.n`` continuations of ``cfg.prompt`` (prompt included), sample i seeded seed + i.
 
     Cached generation (:mod:`attnkit.generation`) when the model has a cache and prompt plus new
-    tokens fit its context; a Transformer-XL reads one token at a time after its memory; any
-    other model recomputes a sliding context of ``context`` tokens.
+    tokens fit its context; with ``memory`` (a Transformer-XL trained with memory) one token at
+    a time after the memory; otherwise a sliding context of ``context`` tokens, recomputed.
     """
     from attnkit.generation import generate
 
@@ -269,8 +270,7 @@ def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: i
             new = generate(model, [prompt], _generation_config(cfg, tok.eos_id, cfg.seed + i))[0]
             new = [t for t in new if t != tok.eos_id]
         else:
-            step = (_memory_step(model) if getattr(model, "family", "") == "transformer-xl"
-                    else _recompute_step(model, context))
+            step = _memory_step(model) if memory else _recompute_step(model, context)
             new = _sample(step, prompt, cfg, tok.eos_id, cfg.seed + i)
         texts.append(cfg.prompt + tok.decode(new))
     return texts

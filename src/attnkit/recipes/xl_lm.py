@@ -152,7 +152,8 @@ def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: XLLMConfig, run_dir:
         result = evaluate_bpc(model, stream, seg, mem, cfg.eval.batch_size, chars)
         if cfg.sample.n:
             step = segments.index // max(1, cfg.train.accum_steps)
-            show_samples(sample_texts(model, tok, cfg.sample, cfg.seg_len), run_dir, step)
+            texts = sample_texts(model, tok, cfg.sample, cfg.seg_len, memory=True)
+            show_samples(texts, run_dir, step)
         return {"val_loss": result.loss, "val_bpc": result.bpc}
     return evaluate
 
@@ -211,7 +212,7 @@ def final_report(run_dir: Path, cfg: XLLMConfig) -> dict:
                          "seg_len": seg, "seconds": round(time.perf_counter() - start, 2)}
         print(f"{name}: {r.bpc:.4f} bits per character (memory {m}, segments of {seg})")
     if cfg.sample.n:
-        results["samples"] = sample_texts(model, tok, cfg.sample, cfg.seg_len)
+        results["samples"] = sample_texts(model, tok, cfg.sample, cfg.seg_len, memory=True)
         show_samples(results["samples"], run_dir, None)
     spans = span_report(model, cfg.seg_len)
     if spans:
