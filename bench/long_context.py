@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from attnkit.data.lm import LMWindows, eval_windows, lm_loss, score
+from attnkit.data.lm import LMWindows, eval_windows, score
 from attnkit.data.segments import SegmentStream, score_segments
+from attnkit.losses import token_nll
 from attnkit.models.gpt2 import GPT2, GPT2Config
 from attnkit.models.transformer_xl import TransformerXL, xl_config
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan, attention_flops, span_penalty
@@ -176,10 +177,10 @@ class Trainer:
             self.model.clamp_spans_()
             out = self.model(batch.ids, None if batch.reset else batch.carry.mems)
             batch.carry.mems = out.mems
-            loss, n = lm_loss(out.logits, batch.targets)
+            loss, n = token_nll(out.logits, batch.targets)
             loss = loss + span_penalty(self.model.spans(), self.model.cfg.span_loss) * n
         else:
-            loss, n = lm_loss(self.model(batch.ids).logits, batch.targets)
+            loss, n = token_nll(self.model(batch.ids).logits, batch.targets)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()

@@ -14,10 +14,10 @@ from attnkit.models.gpt2 import (
     GPT2,
     PRESETS,
     GPT2Config,
-    count_parameters,
     gpt2_config,
     left_pad_positions,
 )
+from attnkit.models.transformer import count_parameters
 
 V, C, L, H, P = 97, 32, 3, 4, 64
 ATOL = 1e-5

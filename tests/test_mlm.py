@@ -20,7 +20,7 @@ from attnkit.data.mlm import (
     split_sentences,
 )
 from attnkit.errors import UserError
-from attnkit.losses import masked_lm_loss
+from attnkit.losses import token_nll
 
 V, MASK, SPECIALS = 1000, 4, [0, 1, 2, 3]
 
@@ -221,12 +221,12 @@ def test_streams_resume_exactly(dynamic):
         resumed.load_state_dict({**state, "batch_size": 5})
 
 
-def test_masked_lm_loss_matches_float64_hand_computation():
+def test_token_nll_matches_float64_hand_computation():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     labels = torch.full((2, 5), IGNORE)
     labels[0, 1], labels[1, 3], labels[1, 4] = 3, 0, 6
-    total, n = masked_lm_loss(logits, labels)
+    total, n = token_nll(logits, labels)
     expected = 0.0
     for b, s in [(0, 1), (1, 3), (1, 4)]:
         z = logits[b, s].double()

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from attnkit.decoding import Hypothesis, _is_done, length_penalty
 from attnkit.errors import ConfigError, UserError
+from attnkit.models.gpt2 import left_pad_positions
 from attnkit.nn.fast_linear import decode_linears
 
 OnToken = Callable[[int, int], "bool | None"]  # (row, token) -> True ends that row
@@ -143,7 +144,7 @@ def process_logits(logits: Tensor, cfg: GenerationConfig, seen: Tensor | None = 
     return logits
 
 
-def _choose(logits: Tensor, cfg: GenerationConfig, seen: Tensor | None,
+def choose_tokens(logits: Tensor, cfg: GenerationConfig, seen: Tensor | None,
             gens: list[torch.Generator]) -> Tensor:
     """The next token of every row (B,) from its last logits (B, V)."""
     logits = process_logits(logits, cfg, seen)
@@ -217,7 +218,7 @@ def _left_pad(prompts: list[list[int]], new: int, device: torch.device) -> _Batc
     mask = torch.ones((b, p + new), dtype=torch.bool)
     for i, x in enumerate(prompts):
         mask[i, : p - len(x)] = False
-    positions = (mask[:, :p].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    positions = left_pad_positions(mask[:, :p])  # (B, P)
     return _Batch(ids.to(device), lengths.to(device), mask.to(device), positions.to(device))
 
 
@@ -294,7 +295,7 @@ def _step_loop(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig
     for t in range(n):
         if eos is not None and t < cfg.min_new_tokens:
             logits = _forbid(logits, eos)
-        nxt = _choose(logits, cfg, seen, gens)  # (B,)
+        nxt = choose_tokens(logits, cfg, seen, gens)  # (B,)
         for i, tok in enumerate(nxt.tolist()):
             if alive[i]:
                 out[i].append(tok)

@@ -24,13 +24,17 @@ def label_smoothed_nll(logits: Tensor, target: Tensor, epsilon: float = 0.1,
     return loss, int((flat_target != ignore_index).sum())
 
 
-def masked_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100
-                   ) -> tuple[Tensor, int]:
-    """Summed cross-entropy over the scored (masked) positions and their number.
+IGNORE = -100  # the label of positions that are not scored (PyTorch's default ignore_index)
 
-    BERT's MLM objective (Devlin et al. 2019, section 3.1): only the selected tokens are
-    predicted. logits (..., V) and labels (...) with ``ignore_index`` where not scored; or
-    logits (N, V) of the scored positions only with their N labels.
+
+def token_nll(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
+              ) -> tuple[Tensor, int]:
+    """Summed cross-entropy (nats) over the scored positions and their number.
+
+    Next-token language modelling (every target scored but padding) and BERT's MLM objective
+    (Devlin et al. 2019, section 3.1: only the selected tokens are predicted). logits (..., V)
+    and labels (...) with ``ignore_index`` where not scored; or logits (N, V) of the scored
+    positions only with their N labels.
     """
     flat = logits.reshape(-1, logits.size(-1))
     if flat.dtype in (torch.float16, torch.bfloat16):
@@ -61,7 +65,7 @@ def distillation_loss(student_logits: Tensor | None, teacher_logits: Tensor | No
         kl = F.kl_div(log_ps, pt, reduction="sum") / max(1, student_logits.size(0))
         parts["ce"] = kl * temperature ** 2
     if alpha_mlm and student_logits is not None and labels is not None:
-        total, n = masked_lm_loss(student_logits, labels)
+        total, n = token_nll(student_logits, labels)
         parts["mlm"] = total / max(1, n)
     if alpha_cos:
         cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)

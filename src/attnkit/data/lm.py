@@ -31,14 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.data.text import read_text
 from attnkit.errors import UserError
-
-IGNORE = -100  # target id that is not scored (F.cross_entropy's default ignore_index)
-
+from attnkit.losses import IGNORE, token_nll
 
 # ---- documents ---------------------------------------------------------------------------------
 
@@ -281,19 +278,6 @@ def eval_windows(stream: Tensor, block_size: int, batch_size: int, stride: int =
 
 # ---- scoring -----------------------------------------------------------------------------------
 
-def lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
-    """Summed next-token cross-entropy (nats) over scored targets, and their number.
-
-    logits (B, T, V), targets (B, T) with :data:`IGNORE` where not scored.
-    """
-    flat = logits.reshape(-1, logits.size(-1))
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    target = targets.reshape(-1)
-    loss = F.cross_entropy(flat, target, ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
-
-
 def logits_of(model: nn.Module, ids: Tensor) -> Tensor:
     """``model(ids)`` as logits (B, T, V): a tensor, or an output object with ``.logits``."""
     out = model(ids)
@@ -343,6 +327,6 @@ def score(forward: Callable[[Tensor], Tensor] | nn.Module, batches: Sequence[LMB
         for batch in batches:
             if device is not None:
                 batch = batch.to(device)
-            loss, n = lm_loss(fn(batch.ids), batch.targets)
+            loss, n = token_nll(fn(batch.ids), batch.targets)
             total, count = total + float(loss.double()), count + n
     return LMScore(total, count, n_chars)

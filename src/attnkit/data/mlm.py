@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import IGNORE
 
-IGNORE = -100  # label of unscored positions (F.cross_entropy's ignore_index)
 # special tokens of attnkit's, BERT's and RoBERTa's vocabularies: never selected for masking
 SPECIAL_STRINGS = frozenset({"[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]", "[CLS]", "[SEP]",
                              "<s>", "</s>", "<pad>", "<unk>", "<mask>", "<|endoftext|>"})

@@ -221,7 +221,3 @@ class GPT2(nn.Module):
             x = x[:, -1:] if last_only else x
         return LMOutput(self.lm_head(x), states, weights)
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct trainable parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.config import to_dict
-from attnkit.data.mlm import IGNORE, MaskConfig, Masker, MLMBatch, MLMBatches
+from attnkit.data.mlm import MaskConfig, Masker, MLMBatch, MLMBatches
 from attnkit.errors import ConfigError, UserError
-from attnkit.losses import distillation_loss
+from attnkit.losses import IGNORE, distillation_loss
 from attnkit.models.bert import BertConfig, encoder_of
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
 from attnkit.recipes import finetune

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from attnkit.config import to_dict
 from attnkit.data.text import read_text
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import IGNORE, token_nll
 from attnkit.models.bert import encoder_of
 from attnkit.models.heads import (
     POOLINGS,
@@ -58,7 +59,6 @@ from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
 
 TASKS = ("classify", "tokens", "qa")
-IGNORE = -100
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -392,9 +392,7 @@ def logits_loss(task: str, logits: Tensor, target: Tensor) -> tuple[Tensor, int]
     if task == "classify":
         return F.cross_entropy(logits, target, reduction="sum"), len(target)
     if task == "tokens":
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        return loss, int((target != IGNORE).sum())
+        return token_nll(logits, target)
     loss = (F.cross_entropy(logits[..., 0], target[:, 0], reduction="sum")
             + F.cross_entropy(logits[..., 1], target[:, 1], reduction="sum")) / 2
     return loss, len(target)

@@ -26,7 +26,6 @@ from attnkit.data.lm import (
     check_template,
     encode_documents,
     eval_windows,
-    lm_loss,
     logits_of,
     n_characters,
     read_documents,
@@ -36,6 +35,7 @@ from attnkit.data.lm import (
     truncate_documents,
 )
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import token_nll
 from attnkit.models import LM_MODELS, build_lm, check_lm
 from attnkit.recipes.run import read_run, record_model, setup_run
 from attnkit.recipes.seq2seq import TokenizerConfig
@@ -229,20 +229,15 @@ def _memory_step(model: nn.Module) -> Callable[[list[int]], Tensor]:
 
 def _sample(step: Callable[[list[int]], Tensor], prompt: list[int], cfg: SampleConfig,
             eos: int | None, seed: int) -> list[int]:
-    """New tokens after ``prompt`` from ``step``'s logits, with its own generator and the same
-    logit filters as :mod:`attnkit.generation`."""
-    from attnkit.generation import process_logits
+    """New tokens after ``prompt`` from ``step``'s logits, with its own generator, chosen as
+    :mod:`attnkit.generation` chooses them."""
+    from attnkit.generation import choose_tokens
 
     gen_cfg = _generation_config(cfg, eos, seed)
-    gen = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(seed)] if cfg.temperature > 0 else []
     ids, out = list(prompt), []
     for _ in range(cfg.max_new_tokens):
-        logits = step(ids).float().cpu()  # (1, V)
-        if cfg.temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            probs = process_logits(logits, gen_cfg).softmax(-1)[0]
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        nxt = int(choose_tokens(step(ids).float().cpu(), gen_cfg, None, gens)[0])
         if nxt == eos:
             break
         ids.append(nxt)
@@ -290,7 +285,7 @@ def show_samples(texts: list[str], run_dir: Path, step: int | None) -> None:
 # ---- training ----------------------------------------------------------------------------------
 def loss_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL of an LMBatch and its number of targets."""
-    return lm_loss(logits_of(model, batch.ids), batch.targets)
+    return token_nll(logits_of(model, batch.ids), batch.targets)
 
 
 def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: LMRunConfig, run_dir: Path,

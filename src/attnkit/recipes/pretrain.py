@@ -44,7 +44,7 @@ from attnkit.data.mlm import (
     split_sentences,
 )
 from attnkit.errors import ConfigError, UserError
-from attnkit.losses import masked_lm_loss
+from attnkit.losses import token_nll
 from attnkit.models.bert import BertConfig, bert_config, build_bert
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
 from attnkit.recipes.lm import LMData, load_corpus, with_data_default
@@ -181,7 +181,7 @@ def pretrain_loss(model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, int]
     selected = batch.labels != IGNORE
     out = model(batch.ids, attention_mask=batch.attention_mask,
                 token_type_ids=batch.token_types, mlm_mask=selected)
-    total, n = masked_lm_loss(out.mlm_logits, batch.labels[selected])
+    total, n = token_nll(out.mlm_logits, batch.labels[selected])
     if out.nsp_logits is not None and batch.nsp is not None:
         total = total + n * F.cross_entropy(out.nsp_logits.float(), batch.nsp)
     return total, n
@@ -198,7 +198,7 @@ def mlm_scores(model: nn.Module, batches: list[MLMBatch]) -> dict[str, float]:
         out = model(batch.ids, attention_mask=batch.attention_mask,
                     token_type_ids=batch.token_types, mlm_mask=selected)
         labels = batch.labels[selected]
-        loss, count = masked_lm_loss(out.mlm_logits, labels)
+        loss, count = token_nll(out.mlm_logits, labels)
         nll, n = nll + float(loss.double()), n + count
         right += int((out.mlm_logits.argmax(-1) == labels).sum())
         if out.nsp_logits is not None and batch.nsp is not None:

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from attnkit.config import unknown
-from attnkit.data.lm import encode_documents, lm_loss, n_characters, text_chunks
+from attnkit.data.lm import encode_documents, n_characters, text_chunks
 from attnkit.data.lm import truncate_documents as truncate
 from attnkit.data.segments import SegmentScore, SegmentStream, score_segments
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import token_nll
 from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
 from attnkit.recipes.lm import (
@@ -120,7 +121,7 @@ def xl_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
     mems = None if batch.reset else batch.carry.mems
     out = model(batch.ids, mems)
     batch.carry.mems = out.mems
-    loss, n = lm_loss(out.logits, batch.targets)
+    loss, n = token_nll(out.logits, batch.targets)
     spans = raw.spans()
     if spans and raw.cfg.span_loss > 0:
         loss = loss + span_penalty(spans, raw.cfg.span_loss) * n  # a per-token penalty
