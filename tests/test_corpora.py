@@ -37,7 +37,8 @@ def test_download_checks_and_splits_90_5_5(tmp_path, fake_corpus):
     for path, lo, hi in zip(paths.values(), cuts[:-1], cuts[1:], strict=True):
         text = read_text(path)  # how the recipes read it
         assert text == TEXT[lo:hi].decode("latin-1") and len(text) == hi - lo  # a byte a char
-    assert not list((tmp_path / "data" / "tiny8").glob("*.part"))
+    files = sorted(p.name for p in (tmp_path / "data" / "tiny8").iterdir())
+    assert files == ["test.txt", "tiny8", "tiny8.zip", "train.txt", "valid.txt"]  # no temp file
     # a second call reuses the files (no network needed)
     fake_corpus["url"] = "file:///nonexistent/tiny8.zip"
     assert corpora.fetch_corpus("tiny8", tmp_path / "data", progress=False) == paths
@@ -59,7 +60,7 @@ def test_offline_and_unknown_corpus_are_one_line_cli_errors(tmp_path, fake_corpu
     assert main(["download", "tiny8", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnkit: error: cannot download") and err.count("\n") == 1
-    assert not list((tmp_path / "tiny8").glob("*"))  # no partial file left behind
+    assert not list((tmp_path / "tiny8").iterdir())  # no partial file left behind
     assert main(["download", "enwik9", "--dir", str(tmp_path)]) == 2
     assert "enwik8" in capsys.readouterr().err  # the suggestion
 

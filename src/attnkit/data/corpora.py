@@ -9,8 +9,8 @@ so one character is one byte, the unit the papers' bits per character count.
 Every download is checked before it is used: the archive's size and, where a published value
 exists, its SHA-256 (enwik8.zip's is the one the Hugging Face ``enwik8`` dataset records for the
 same URL; no SHA-256 of text8.zip is published that we could confirm, so text8 is checked by
-the archive's and the text's sizes). Files appear only complete: downloads go to ``*.part``
-and extractions and splits to temporary names, each renamed when done.
+the archive's and the text's sizes). Files appear only complete: downloads, extractions and
+splits go to temporary names, each renamed when done.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ def sha256(path: str | Path) -> str:
 
 
 def _download(url: str, dest: Path, progress: bool) -> None:
-    """``url`` to ``dest`` through ``dest.part``, with a progress bar; a one-line error."""
+    """``url`` to ``dest`` (atomically), with a progress bar; a one-line error."""
     from tqdm import tqdm
 
-    part = dest.with_name(dest.name + ".part")
+    from attnkit.train.checkpoint import atomic_path
+
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp, \
+                open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
                       disable=not progress) as bar:
@@ -57,9 +59,7 @@ def _download(url: str, dest: Path, progress: bool) -> None:
                     f.write(block)
                     bar.update(len(block))
     except (urllib.error.URLError, OSError) as err:
-        part.unlink(missing_ok=True)
         raise UserError(f"cannot download {url}: {getattr(err, 'reason', err)}") from None
-    part.replace(dest)
 
 
 def check_archive(name: str, archive: Path) -> None:

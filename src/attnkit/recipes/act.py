@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches, parity_examples
 from attnkit.errors import ConfigError
-from attnkit.nn.act import ACTCell
+from attnkit.nn.act import ACTCell, ponder_loss
 from attnkit.recipes.algorithmic import check_best_metric, load_trained, setup_run, write_report
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig, fit
@@ -101,7 +101,7 @@ def loss_fn(tau: float) -> Callable[[nn.Module, TensorBatch], tuple[Tensor, int]
     def compute(model: nn.Module, batch: TensorBatch) -> tuple[Tensor, int]:
         logits, cost, _ = model(batch.inputs)
         bce = F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="sum")
-        return bce + tau * cost.sum(), len(batch)
+        return bce + ponder_loss(cost, tau), len(batch)
     return compute
 
 

@@ -171,15 +171,18 @@ def load_corpus(data: LMData) -> tuple[list[str], list[str]]:
     return split_documents(docs, data.val_fraction)
 
 
-def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best"
-               ) -> tuple[nn.Module, Tokenizer]:
-    """The trained model of an lm / finetune-lm run (best checkpoint if any), in eval mode,
-    and its tokenizer."""
+def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best",
+               family: str | None = None) -> tuple[nn.Module, Tokenizer]:
+    """The trained model of a language-model run (lm, finetune-lm, xl-lm; best checkpoint if
+    any), in eval mode, and its tokenizer; ``family`` refuses a run of another family."""
     run_dir = Path(run_dir)
     record = read_run(run_dir)
     if "model" not in record or not (run_dir / "tokenizer.json").is_file():
         raise UserError(f"{run_dir} has no trained model yet")
     spec = dict(record["model"])
+    if family is not None and spec.get("family") != family:
+        raise UserError(f"{run_dir} holds a '{spec.get('family')}' model, not a {family} one: "
+                        "load it with its own recipe")
     if spec.get("family") not in LM_MODELS:
         raise UserError(f"{run_dir} holds a '{record['recipe']}' run with a "
                         f"'{spec.get('family')}' model, not a language model")

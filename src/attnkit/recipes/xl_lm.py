@@ -30,7 +30,7 @@ from attnkit.config import unknown
 from attnkit.data.lm import encode_documents, n_characters, text_chunks
 from attnkit.data.lm import truncate_documents as truncate
 from attnkit.data.segments import SegmentScore, SegmentStream, score_segments
-from attnkit.errors import ConfigError, UserError
+from attnkit.errors import ConfigError
 from attnkit.losses import token_nll
 from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
@@ -38,16 +38,16 @@ from attnkit.recipes.lm import (
     LMData,
     SampleConfig,
     load_corpus,
+    load_model,
     sample_texts,
     show_samples,
     with_data_default,
 )
-from attnkit.recipes.run import read_run, record_model, setup_run
+from attnkit.recipes.run import record_model, setup_run
 from attnkit.recipes.seq2seq import TokenizerConfig, get_tokenizer
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
-    load_run_weights,
     write_json_atomic,
 )
 from attnkit.train.loop import TrainConfig, fit
@@ -99,18 +99,7 @@ class XLLMConfig:
 def load_xl(run_dir: str | Path, which: str = "best") -> tuple[TransformerXL, Tokenizer]:
     """The trained model of an xl-lm run (best checkpoint if any), in eval mode; a run of
     another model family is refused in one line."""
-    run_dir = Path(run_dir)
-    record = read_run(run_dir)
-    spec = record.get("model")
-    if not spec or not (run_dir / "tokenizer.json").is_file():
-        raise UserError(f"{run_dir} has no trained model yet")
-    if spec.get("family") != FAMILY:
-        raise UserError(f"{run_dir} holds a '{spec.get('family')}' model, not a {FAMILY} one: "
-                        "load it with its own recipe")
-    config = dict(spec["config"])
-    model = TransformerXL(xl_arch("", config, config.pop("vocab_size")))
-    load_run_weights(run_dir, model, which)
-    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json")
+    return load_model(run_dir, which, family=FAMILY)
 
 
 # ---- training ----------------------------------------------------------------------------------
