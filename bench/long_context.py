@@ -39,7 +39,7 @@ from attnkit.data.lm import LMWindows, eval_windows, score
 from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.losses import token_nll
 from attnkit.models.gpt2 import GPT2, GPT2Config
-from attnkit.models.transformer_xl import TransformerXL, xl_config
+from attnkit.models.transformer_xl import TransformerXL, xl_arch
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan, attention_flops, span_penalty
 from attnkit.nn.attention.relative import RelativeMultiHeadAttention, relative_table
 from attnkit.train.optim import param_groups
@@ -139,19 +139,19 @@ def build_models(vocab: int, size: dict) -> dict[str, torch.nn.Module]:
     """The four contenders at about equal parameter count (the FFN's 8C^2 per layer become
     2NC persistent parameters with N = d_ff for all-attention)."""
     c, layers, mem, ctx = size["d_model"], size["layers"], size["mem_len"], size["context"]
-    common = dict(vocab_size=vocab, d_model=c, n_heads=4, n_layers=layers, dropout=0.1,
-                  attn_impl="explicit")
+    common = dict(d_model=c, n_heads=4, n_layers=layers, dropout=0.1, attn_impl="explicit")
     torch.manual_seed(0)
     return {
         "vanilla (GPT-2)": GPT2(GPT2Config(vocab_size=vocab, n_positions=ctx, d_model=c,
                                            n_heads=4, n_layers=layers, dropout=0.1,
                                            attention_dropout=0.0)),
-        "Transformer-XL": TransformerXL(xl_config("tiny", **common, d_ff=4 * c, mem_len=mem)),
-        "adaptive span": TransformerXL(xl_config("tiny-span", **common, d_ff=4 * c,
-                                                 mem_len=2 * mem, span_ramp=16)),
-        "all-attention": TransformerXL(xl_config("tiny-all-attention", **common, d_ff=0,
-                                                 n_persistent=4 * c, mem_len=2 * mem,
-                                                 span_ramp=16)),
+        "Transformer-XL": TransformerXL(xl_arch("tiny", {**common, "d_ff": 4 * c,
+                                                         "mem_len": mem}, vocab)),
+        "adaptive span": TransformerXL(xl_arch("tiny-span", {
+            **common, "d_ff": 4 * c, "mem_len": 2 * mem, "span_ramp": 16}, vocab)),
+        "all-attention": TransformerXL(xl_arch("tiny-all-attention", {
+            **common, "d_ff": 0, "n_persistent": 4 * c, "mem_len": 2 * mem, "span_ramp": 16},
+            vocab)),
     }
 
 
@@ -297,9 +297,8 @@ def part_eval_cost(contexts: list[int], size: dict, repeats: int, out: Path) -> 
         torch.manual_seed(0)
         vanilla = GPT2(GPT2Config(vocab_size=65, n_positions=ctx, d_model=c, n_heads=4,
                                   n_layers=layers, dropout=0.0, attention_dropout=0.0)).eval()
-        xl = TransformerXL(xl_config("tiny", vocab_size=65, d_model=c, n_heads=4,
-                                     n_layers=layers, d_ff=4 * c, mem_len=ctx,
-                                     dropout=0.0)).eval()
+        xl = TransformerXL(xl_arch("tiny", dict(d_model=c, n_heads=4, n_layers=layers,
+                                                d_ff=4 * c, mem_len=ctx, dropout=0.0), 65)).eval()
         window = torch.randint(0, 65, (1, ctx))
         segment = torch.randint(0, 65, (1, seg))
         mems = [torch.randn(1, ctx, c) for _ in range(layers)]

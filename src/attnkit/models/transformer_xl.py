@@ -133,13 +133,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def xl_config(preset: str = "tiny", **overrides) -> TransformerXLConfig:
-    """A preset's config with ``overrides`` applied (e.g. the vocabulary size)."""
-    if preset not in PRESETS:
-        raise unknown("transformer-xl preset", preset, PRESETS)
-    return TransformerXLConfig(**{**PRESETS[preset], **overrides})
-
-
 @dataclass
 class XLOutput:
     """Logits (B, T, V), the next segment's memory (per layer (B, M', C), detached) and, only
