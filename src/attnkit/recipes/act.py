@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches, parity_examples
 from attnkit.errors import ConfigError
 from attnkit.nn.act import ACTCell, ponder_loss
-from attnkit.recipes.algorithmic import check_best_metric, load_trained, setup_run, write_report
+from attnkit.recipes.algorithmic import load_trained, setup_run, write_report
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
@@ -89,7 +89,7 @@ class ACTParityConfig:
         if self.batch_size < 1 or self.tau < 0:
             raise ConfigError("batch_size must be >= 1 and tau >= 0")
         model_cfg(self)
-        check_best_metric(self.train, METRICS)
+        self.train.check_best_metric(METRICS)
 
 
 def model_cfg(cfg: ACTParityConfig) -> ParityModelConfig:

@@ -9,13 +9,13 @@ metrics.jsonl, results.json.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
-from attnkit.config import from_dict, to_dict, unknown
+from attnkit.config import from_dict, to_dict
 from attnkit.errors import ConfigError, UserError
 from attnkit.recipes import run
 from attnkit.recipes.run import read_run, record_model
@@ -24,7 +24,6 @@ from attnkit.train.checkpoint import (
     load_run_weights,
     write_json_atomic,
 )
-from attnkit.train.loop import TrainConfig
 
 Build = Callable[[Any], nn.Module]  # model config -> model
 
@@ -42,12 +41,6 @@ def arch_defaults(cls: type, fixed: tuple[str, ...], **changes: Any) -> dict:
     """A model config's defaults (with ``changes``) as an ``arch`` section, minus the fields
     the data fix, so that ``attnkit recipes --show`` lists every setting."""
     return {k: v for k, v in to_dict(cls(**changes)).items() if k not in fixed}
-
-
-def check_best_metric(train: TrainConfig, names: Sequence[str]) -> None:
-    """Refuse a ``train.best_metric`` the recipe's evaluation does not report."""
-    if train.best_metric and train.best_metric not in names:
-        raise unknown("train.best_metric", train.best_metric, names)
 
 
 def setup_run(recipe: str, cfg: Any, family: str, model_cfg: Any, build: Build

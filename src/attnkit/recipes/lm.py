@@ -20,7 +20,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from attnkit.config import unknown
 from attnkit.data.lm import (
     LMWindows,
     check_template,
@@ -116,8 +115,7 @@ class LMRunConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.batch_size < 1:
             raise ConfigError("block_size and batch_size must be >= 1")
-        if self.train.best_metric and self.train.best_metric not in METRICS:
-            raise unknown("train.best_metric", self.train.best_metric, METRICS)
+        self.train.check_best_metric(METRICS)
 
 
 @dataclass(frozen=True)

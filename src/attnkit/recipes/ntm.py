@@ -22,7 +22,6 @@ from attnkit.errors import ConfigError
 from attnkit.models.ntm import NTM, NTMConfig, bit_errors, copy_loss
 from attnkit.recipes.algorithmic import (
     arch_defaults,
-    check_best_metric,
     load_trained,
     mean_of,
     model_config,
@@ -71,7 +70,7 @@ class NTMCopyConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         ntm_config(self)
-        check_best_metric(self.train, METRICS)
+        self.train.check_best_metric(METRICS)
 
 
 def ntm_config(cfg: NTMCopyConfig) -> NTMConfig:

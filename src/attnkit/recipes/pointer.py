@@ -29,7 +29,6 @@ from attnkit.models.pointer import (
 )
 from attnkit.recipes.algorithmic import (
     arch_defaults,
-    check_best_metric,
     load_trained,
     mean_of,
     model_config,
@@ -81,7 +80,7 @@ class PointerSortConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         pointer_config(self)
-        check_best_metric(self.train, METRICS)
+        self.train.check_best_metric(METRICS)
 
 
 def pointer_config(cfg: PointerSortConfig) -> PointerConfig:

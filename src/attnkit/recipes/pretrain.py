@@ -108,8 +108,7 @@ class PretrainConfig:
             raise ConfigError("max_len must be >= 5 and batch_size >= 1")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise ConfigError("short_seq_prob must be in [0, 1]")
-        if self.train.best_metric and self.train.best_metric not in METRICS:
-            raise ConfigError(f"train.best_metric must be one of {', '.join(METRICS)}")
+        self.train.check_best_metric(METRICS)
         model_config(self, vocab_size=100, pad_id=0)  # validates preset and arch
 
 

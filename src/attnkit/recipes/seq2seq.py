@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnkit.config import unknown
 from attnkit.data.batching import TokenBatches, eval_batches
 from attnkit.decoding import beam_search, greedy_search
 from attnkit.errors import ConfigError, UserError
@@ -216,8 +215,7 @@ def check_before_run(cfg: Seq2SeqConfig, task: Task) -> None:
     if not task.evals or not next(iter(task.evals.values())):
         raise UserError("the recipe produced no evaluation examples")
     names = metric_names(cfg, task)
-    if cfg.train.best_metric and cfg.train.best_metric not in names:
-        raise unknown("train.best_metric", cfg.train.best_metric, names)
+    cfg.train.check_best_metric(names)
     if cfg.tokenizer.path:
         Tokenizer.load(cfg.tokenizer.path)
 

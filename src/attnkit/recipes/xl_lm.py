@@ -90,8 +90,7 @@ class XLLMConfig:
             raise unknown("model family for xl-lm", self.model, [FAMILY])
         if self.seg_len < 1 or self.batch_size < 1:
             raise ConfigError("seg_len and batch_size must be >= 1")
-        if self.train.best_metric and self.train.best_metric not in METRICS:
-            raise unknown("train.best_metric", self.train.best_metric, METRICS)
+        self.train.check_best_metric(METRICS)
         xl_arch(self.preset, self.arch, 1)
 
 

@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +67,12 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.best_mode not in ("min", "max"):
             raise ConfigError(f"train.best_mode must be 'min' or 'max', got {self.best_mode!r}")
+
+    def check_best_metric(self, names: Iterable[str]) -> None:
+        """Refuse a ``best_metric`` the recipe's evaluation does not report (with a suggestion)."""
+        if self.best_metric and self.best_metric not in names:
+            from attnkit.config import unknown
+            raise unknown("train.best_metric", self.best_metric, names)
 
 
 @dataclass
