@@ -150,8 +150,9 @@ def run_one(task: str, model: str, out: Path, minutes: float, threads: int,
 def summarise(task: str, model: str, run_dir: Path) -> dict:
     """What one run reached: the curve, the last evaluation, throughput, load, parameters."""
     timing = json.loads((run_dir / "bench_timing.json").read_text())
-    records = [json.loads(line) for line in
-               (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from attnkit.train.log import read_metrics
+
+    records = read_metrics(run_dir)
     arrived = list(zip(timing["arrivals"], records, strict=False))
     points, trained = training_time(arrived)
     evaluated = {p["step"] for p in points}

@@ -36,12 +36,7 @@ def token_nll(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
     and labels (...) with ``ignore_index`` where not scored; or logits (N, V) of the scored
     positions only with their N labels.
     """
-    flat = logits.reshape(-1, logits.size(-1))
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    target = labels.reshape(-1)
-    loss = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="sum")
-    return loss, int((target != ignore_index).sum())
+    return label_smoothed_nll(logits, labels, 0.0, ignore_index)
 
 
 def distillation_loss(student_logits: Tensor | None, teacher_logits: Tensor | None,
