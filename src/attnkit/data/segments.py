@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import UserError
+from attnkit.losses import token_nll
 
 
 @dataclass
@@ -171,7 +172,6 @@ def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: i
     several rows the dropped tail and row starts are not scored, and the characters are
     counted in proportion. Gradients are not kept.
     """
-    import torch.nn.functional as F
     rows = stream_rows(stream.long(), batch_size)
     total_targets = len(stream) - 1
     chars = total_targets if chars is None else chars
@@ -180,9 +180,6 @@ def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: i
         for start in range(0, rows.size(1) - 1, seg_len):
             window = rows[:, start: start + seg_len + 1]
             logits, mems = forward(window[:, :-1], mems)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                   window[:, 1:].reshape(-1), reduction="sum")
-            nll, count = nll + float(loss.double()), count + window[:, 1:].numel()
+            loss, n = token_nll(logits, window[:, 1:])
+            nll, count = nll + float(loss.double()), count + n
     return SegmentScore(nll, count, chars * count / max(1, total_targets))
