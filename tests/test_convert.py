@@ -161,16 +161,50 @@ def test_save_pretrained_refuses_to_overwrite_and_leaves_nothing(tmp_path: Path)
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     model = random_gpt2(6)
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="not empty.*--overwrite"):
         save_pretrained(model, target)
+    # --overwrite replaces only an earlier export: a folder with the user's files is kept
+    with pytest.raises(UserError, match="attnkit did not export"):
+        save_pretrained(model, target, overwrite=True)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert (target / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="cannot save a Linear"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path / "other")
-    save_pretrained(model, target, overwrite=True)
+    (target / "keep.txt").unlink()
+    save_pretrained(model, target)  # an empty directory is filled
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
     hf = json.loads((target / "config.json").read_text())
     assert hf["model_type"] == "gpt2" and hf["architectures"] == ["GPT2LMHeadModel"]
+    # an earlier export is replaced, with the new weights
+    other = random_gpt2(7)
+    save_pretrained(other, target, overwrite=True)
+    torch.testing.assert_close(from_pretrained(target).model.state_dict(), other.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+
+
+def test_overwrite_keeps_an_export_someone_added_to_or_linked(tmp_path: Path) -> None:
+    model = random_gpt2(6)
+    target = tmp_path / "out"
+    save_pretrained(model, target)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="attnkit did not export"):
+        save_pretrained(model, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "mine"
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(UserError, match="symbolic link"):
+        save_pretrained(model, link, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json", "model.safetensors", "notes.txt"]
+    # a Hugging Face folder from elsewhere (no attnkit mark) is not replaced either
+    hf_dir = tmp_path / "hf"
+    save_pretrained(model, hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    del cfg["attnkit_export"]
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="attnkit did not export"):
+        save_pretrained(model, hf_dir, overwrite=True)
+    assert "attnkit_export" not in json.loads((hf_dir / "config.json").read_text())
 
 
 def test_tokenizer_saved_and_loaded(tmp_path: Path) -> None:

@@ -203,10 +203,38 @@ def test_finetune_lm_from_hugging_face_gpt2_and_export(tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
     assert main(["export", str(run), str(out)]) == 2  # an existing directory is kept
+    _assert_export_overwrite_deletes_nothing_else(run, out, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     ids = torch.tensor([tok.encode("Question: Which vitamin")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _assert_export_overwrite_deletes_nothing_else(run: Path, out: Path, tmp_path: Path) -> None:
+    """`export --overwrite` replaces only an earlier export: never the run, its parent, or a
+    folder holding anything else (each refused in one line, every file unchanged)."""
+    import contextlib
+    import io
+
+    before = _tree(tmp_path)
+    for target in (run, tmp_path, run / "checkpoints", init_dir := tmp_path / "hf"):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["export", str(run), str(target), "--overwrite"]) == 2, target
+        assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    assert _tree(tmp_path) == before
+    assert init_dir.is_dir()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["export", str(run), str(out)]) == 2
+    assert "--overwrite" in err.getvalue()
+    assert main(["export", str(run), str(out), "--overwrite"]) == 0  # an earlier export
+    assert _tree(tmp_path) == before
 
 
 def test_samples_do_not_change_training(tmp_path):

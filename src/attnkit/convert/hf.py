@@ -203,6 +203,10 @@ def family_for(model: nn.Module) -> ModuleType:
                     f"supported families: {', '.join(sorted(FAMILIES))}")
 
 
+EXPORT_MARK = "attnkit_export"  # key in config.json: this directory is one attnkit wrote
+_EXPORT_FILES = frozenset({CONFIG, SAFETENSORS, TOKENIZER})
+
+
 def _write_dir(tmp: Path, model: nn.Module, fam: ModuleType, tokenizer: Any) -> None:
     from safetensors.torch import save_file
     cfg = getattr(model, "config", None) or model.cfg
@@ -212,39 +216,75 @@ def _write_dir(tmp: Path, model: nn.Module, fam: ModuleType, tokenizer: Any) -> 
             if getattr(tokenizer, f"{name}_id", None) is not None:
                 hf[f"{name}_token_id"] = int(getattr(tokenizer, f"{name}_id"))
         tokenizer.save(tmp / TOKENIZER)
+    hf[EXPORT_MARK] = True
     state = fam.state_to_hf(model.state_dict(), cfg)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
     (tmp / CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def is_attnkit_export(path: str | Path) -> bool:
+    """Whether ``path`` is a directory :func:`save_pretrained` wrote and nothing else touched:
+    only its files (regular files, no links), and its mark in ``config.json``."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    if not entries or any(e.name not in _EXPORT_FILES or e.is_symlink() or not e.is_file()
+                          for e in entries):
+        return False
+    try:
+        return json.loads((path / CONFIG).read_text(encoding="utf-8")).get(EXPORT_MARK) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(path: str | Path, overwrite: bool) -> None:
+    """Refuse (UserError) a target :func:`save_pretrained` must not write: a file, a link, or
+    a non-empty directory unless ``overwrite`` and it is an export attnkit wrote before."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link; give a new directory")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory")
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    if not overwrite:
+        raise UserError(f"{path} exists and is not empty (pass --overwrite, or overwrite=True "
+                        "in Python, to replace an earlier export)")
+    if not is_attnkit_export(path):
+        raise UserError(f"{path} holds files attnkit did not export there; --overwrite replaces "
+                        "only an earlier attnkit export (give a new directory)")
+
+
 def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None, *,
                     overwrite: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face directory transformers can load.
 
-    Written atomically: into a temporary directory beside ``path``, then renamed. An existing
-    non-empty ``path`` is refused unless ``overwrite``; on failure nothing changes.
+    Written atomically: into a temporary directory beside ``path``, then swapped in by renames.
+    An existing non-empty ``path`` is refused unless ``overwrite`` and it is an earlier export
+    of attnkit's (:func:`is_attnkit_export`): nothing attnkit did not write is ever deleted. On
+    failure nothing changes.
     """
     path = Path(path)
     fam = family_for(model)
     model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+    check_export_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    old: Path | None = None
     try:
         _write_dir(tmp, model, fam, tokenizer)
         os.chmod(tmp, 0o755)
         if path.exists():
-            os.replace(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old)  # an empty directory is replaced by a rename
         os.replace(tmp, path)
     except BaseException:
-        if old.exists() and not path.exists():
+        if old is not None and not path.exists():
             os.replace(old, path)  # put the previous directory back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # the earlier export, checked above
     return path

@@ -117,6 +117,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path,
     from attnkit.recipes.run import read_run
 
     recipe = read_run(run_dir)["recipe"]
+    run, out = Path(run_dir).resolve(), Path(out_dir).resolve()
+    if out == run or out in run.parents:
+        raise UserError(f"{out_dir} is or contains the run {run_dir}; export to another "
+                        "directory")
     if recipe not in _HF_EXPORTABLE:
         raise UserError(f"'{recipe}' runs have no Hugging Face format; export takes runs of "
                         f"{', '.join(_HF_EXPORTABLE)}")
