@@ -66,32 +66,42 @@ ARCHS = [("bert", "BertModel"), ("bert", "BertForPreTraining"), ("bert", "BertFo
 
 @pytest.mark.parametrize("family,arch", ARCHS)
 def test_every_layer_matches_transformers(family, arch):
+    """The same transformers-style keyword call on both models: every output name equal."""
     hf, ours, cfg = _pair(family, arch)
     ids, mask, types = _batch(family, hf.config.pad_token_id)
     kw = {} if types is None else {"token_type_ids": types}
+    if not arch.endswith("Model"):  # MLM labels: every third real token, -100 elsewhere
+        kw["labels"] = ids.masked_fill((mask == 0) | (torch.arange(13) % 3 != 0), -100)
+    if arch == "BertForPreTraining":
+        kw["next_sentence_label"] = torch.tensor([0, 1, 1])
     with torch.no_grad():
-        ref = hf(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True,
-                 **kw)
-        out = ours(ids, attention_mask=mask, need_weights=True, output_hidden_states=True, **kw)
-    enc = getattr(out, "encoder", out)
-    assert len(enc.hidden_states) == cfg.n_layers + 1 == len(ref.hidden_states)
-    assert len(enc.attentions) == cfg.n_layers == len(ref.attentions)
-    for a, b in zip(enc.hidden_states, ref.hidden_states, strict=True):
+        ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                 output_attentions=True, **kw)
+        out = ours(input_ids=ids, attention_mask=mask, output_attentions=True,
+                   output_hidden_states=True, **kw)
+    assert len(out.hidden_states) == cfg.n_layers + 1 == len(ref.hidden_states)
+    assert len(out.attentions) == cfg.n_layers == len(ref.attentions)
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0)
-    for a, b in zip(enc.attentions, ref.attentions, strict=True):
+    for a, b in zip(out.attentions, ref.attentions, strict=True):
         assert a.shape == (3, 4, 13, 13)
         torch.testing.assert_close(a, b, atol=TOL, rtol=0)
-    assert enc.attentions[-1][2, :, :, 4:].abs().max() == 0  # padded keys get no weight
+    assert out.attentions[-1][2, :, :, 4:].abs().max() == 0  # padded keys get no weight
     if arch.endswith("Model"):
-        torch.testing.assert_close(enc.last_hidden, ref.last_hidden_state, atol=TOL, rtol=0)
+        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=TOL,
+                                   rtol=0)
         if family != "distilbert":
-            torch.testing.assert_close(enc.pooled, ref.pooler_output, atol=TOL, rtol=0)
-    elif arch == "BertForPreTraining":
-        torch.testing.assert_close(out.mlm_logits, ref.prediction_logits, atol=TOL, rtol=0)
-        torch.testing.assert_close(out.nsp_logits, ref.seq_relationship_logits, atol=TOL, rtol=0)
+            torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=TOL, rtol=0)
+        return
+    assert ref.loss > 1.0
+    torch.testing.assert_close(out.loss, ref.loss, atol=TOL, rtol=0)
+    if arch == "BertForPreTraining":
+        torch.testing.assert_close(out.logits, ref.prediction_logits, atol=TOL, rtol=0)
+        torch.testing.assert_close(out.seq_relationship_logits, ref.seq_relationship_logits,
+                                   atol=TOL, rtol=0)
     else:
-        torch.testing.assert_close(out.mlm_logits, ref.logits, atol=TOL, rtol=0)
-        assert out.nsp_logits is None
+        torch.testing.assert_close(out.logits, ref.logits, atol=TOL, rtol=0)
+        assert out.seq_relationship_logits is None
 
 
 @pytest.mark.parametrize("family,arch", [("bert", "BertModel"), ("roberta", "RobertaModel"),
@@ -126,7 +136,7 @@ def test_gradients_match_transformers():
     out = ours(ids, attention_mask=mask, token_type_ids=types)
     real = mask.bool()  # padding positions: garbage in HF, zeros in attnkit's packed path
     (ref.prediction_logits[real].square().mean() + ref.seq_relationship_logits.sum()).backward()
-    (out.mlm_logits[real].square().mean() + out.nsp_logits.sum()).backward()
+    (out.logits[real].square().mean() + out.seq_relationship_logits.sum()).backward()
     grads = {k: p.grad for k, p in hf.named_parameters()}
     ours_grads = cb.state_to_hf({k: p.grad for k, p in ours.state_dict(keep_vars=True).items()},
                                 ours.cfg)
@@ -183,8 +193,9 @@ def test_padding_does_not_change_real_tokens():
     padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
     mask = (padded != 0).long()
     with torch.no_grad():
-        alone = model(ids).last_hidden
-        batch = model(padded.expand(2, -1), attention_mask=mask.expand(2, -1)).last_hidden
+        alone = model(ids).last_hidden_state
+        batch = model(padded.expand(2, -1),
+                      attention_mask=mask.expand(2, -1)).last_hidden_state
     torch.testing.assert_close(batch[:, :7], alone.expand(2, -1, -1), atol=1e-6, rtol=0)
 
 
@@ -195,9 +206,14 @@ def test_mlm_mask_scores_only_selected_positions():
     sel = torch.zeros(2, 9, dtype=torch.bool)
     sel[0, 3] = sel[1, 1] = sel[1, 8] = True
     with torch.no_grad():
-        full, part = model(ids).mlm_logits, model(ids, mlm_mask=sel).mlm_logits
+        full, part = model(ids).logits, model(ids, mlm_mask=sel).logits
     assert part.shape == (3, 50)
     torch.testing.assert_close(part, full[sel], atol=1e-6, rtol=0)
+    labels = torch.randint(1, 50, (2, 9))  # (B, S) labels go with the mask's (N, V) logits
+    with torch.no_grad():
+        loss = model(ids, mlm_mask=sel, labels=labels).loss
+    ref = torch.nn.functional.cross_entropy(full[sel].double(), labels[sel])
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=0)
     assert model.mlm.decoder.weight is model.bert.tokens.weight  # tied
 
 

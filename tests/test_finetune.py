@@ -37,12 +37,12 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def _hf_and_ours(hf_class: str, ours_class, **head):
+def _hf_and_ours(hf_class: str, ours_class, num_labels: int = 5, **head):
     torch.manual_seed(0)
     hf_cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_attention_heads=4,
                                      num_hidden_layers=2, intermediate_size=37,
                                      max_position_embeddings=40,
-                                     num_labels=2 if "Question" in hf_class else 5,
+                                     num_labels=2 if "Question" in hf_class else num_labels,
                                      initializer_range=0.2, attn_implementation="eager")
     hf = getattr(transformers, hf_class)(hf_cfg).eval()
     with torch.no_grad():
@@ -93,13 +93,61 @@ def test_span_extractor_matches_transformers():
     assert torch.allclose(got.end_logits[real], want.end_logits[real], atol=1e-5)
 
 
+def _same_outputs(got, want, real, logits=("logits",)) -> None:
+    """loss, the ``logits`` (real positions), hidden_states and attentions of two outputs."""
+    assert want.loss > 0.1
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=0)
+    for name in logits:
+        torch.testing.assert_close(getattr(got, name)[real], getattr(want, name)[real],
+                                   atol=1e-5, rtol=0)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    assert len(got.attentions) == len(want.attentions) == 2
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("labels", ["single", "multi", "regression"])
+def test_sequence_classifier_keywords_and_loss_match_transformers(labels):
+    """Labels decide the loss as in BertForSequenceClassification: class ids -> cross-entropy,
+    float rows -> binary cross-entropy, one output -> mean squared error."""
+    k = 1 if labels == "regression" else 5
+    hf, ours, (ids, mask, types) = _hf_and_ours("BertForSequenceClassification",
+                                                SequenceClassifier, num_labels=k, n_labels=k)
+    g = torch.Generator().manual_seed(3)
+    y = {"single": torch.tensor([4, 0, 2]), "multi": torch.rand(3, 5, generator=g).round(),
+         "regression": torch.randn(3, generator=g)}[labels]
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=y,
+              output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        _same_outputs(ours(**kw), hf(**kw), slice(None))
+
+
+def test_token_classifier_and_span_losses_match_transformers():
+    hf, ours, (ids, mask, types) = _hf_and_ours("BertForTokenClassification",
+                                                TokenClassifier, n_labels=5)
+    y = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(4))
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types,
+              labels=y.masked_fill(mask == 0, -100), output_attentions=True,
+              output_hidden_states=True)
+    with torch.no_grad():
+        _same_outputs(ours(**kw), hf(**kw), mask.bool())
+    hf, ours, (ids, mask, types) = _hf_and_ours("BertForQuestionAnswering", SpanExtractor)
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, output_attentions=True,
+              start_positions=torch.tensor([1, 2, 30]), end_positions=torch.tensor([3, 6, 30]),
+              output_hidden_states=True)  # 30: outside the sequence, ignored as transformers
+    with torch.no_grad():
+        _same_outputs(ours(**kw), hf(**kw), mask.bool(), ("start_logits", "end_logits"))
+
+
 def test_mean_and_cls_pooling():
     torch.manual_seed(0)
     _, ours, (ids, mask, types) = _hf_and_ours("BertForSequenceClassification",
                                                SequenceClassifier, n_labels=5, pooling="mean")
     with torch.no_grad():
         out = ours(ids, attention_mask=mask, token_type_ids=types)
-        hidden = out.encoder.last_hidden.double()
+        hidden = out.encoder.last_hidden_state.double()
         w = mask[..., None].double()
         mean = (hidden * w).sum(1) / w.sum(1)
         want = mean @ ours.classifier.weight.double().T + ours.classifier.bias.double()

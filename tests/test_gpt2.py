@@ -130,7 +130,7 @@ def test_hidden_states_and_attentions_match_transformers() -> None:
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
                  output_attentions=True)
-        got = ours(ids, attention_mask=mask, position_ids=pos, need_weights=True,
+        got = ours(ids, attention_mask=mask, position_ids=pos, output_attentions=True,
                    output_hidden_states=True)
     assert len(got.hidden_states) == L + 1 and len(got.attentions) == L
     real = mask.bool()
@@ -154,10 +154,10 @@ def test_cached_decoding_equals_full_recomputation() -> None:
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         cache = model.new_cache(2, 14)
         steps = [model(ids[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6],
-                       cache=cache).logits]
+                       past_key_values=cache).logits]
         for i in range(6, 14):
             steps.append(model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1],
-                               position_ids=pos[:, i:i + 1], cache=cache).logits)
+                               position_ids=pos[:, i:i + 1], past_key_values=cache).logits)
     assert cache[0].length == 14
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=ATOL, rtol=0)
@@ -186,7 +186,8 @@ def test_greedy_50_tokens_identical_to_transformers_generate() -> None:
         ref = hf.generate(prompt, max_new_tokens=50, do_sample=False, pad_token_id=0)
         cache, ids, out = ours.new_cache(1, 57), prompt, []
         for _ in range(50):
-            ids = ours(ids, cache=cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
+            logits = ours(ids, past_key_values=cache, last_only=True).logits
+            ids = logits[:, -1].argmax(-1, keepdim=True)
             out.append(ids)
     assert torch.equal(torch.cat([prompt, *out], 1), ref)
 
@@ -199,6 +200,41 @@ def test_training_mode_backward_and_dropout() -> None:
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert not torch.equal(model(ids).logits, logits)  # dropout is on in training mode
+
+
+def test_transformers_keywords_give_gpt2lmheadmodel_outputs() -> None:
+    """The same keyword call on GPT2LMHeadModel and attnkit's GPT2 (copied weights): equal
+    logits, loss (labels shifted inside, -100 ignored), hidden states and attentions in the
+    same order, and past_key_values that carry the next step."""
+    hf = hf_model(8, attn="eager")
+    ours = ours_from(hf)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, V, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding, not scored
+    labels = ids.masked_fill(mask == 0, -100)
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=True,
+              output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        ref, got = hf(**kw), ours(**kw)
+    torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=0)
+    assert got.loss.shape == () and ref.loss > 1.0
+    torch.testing.assert_close(got.loss, ref.loss, atol=ATOL, rtol=0)
+    assert len(got.hidden_states) == len(ref.hidden_states) == L + 1
+    assert len(got.attentions) == len(ref.attentions) == L
+    assert isinstance(got.hidden_states, tuple) and isinstance(got.attentions, tuple)
+    real = mask.bool()
+    for a, b in zip(got.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(a[real], b[real], atol=ATOL, rtol=0)
+    for a, b in zip(got.attentions, ref.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    nxt = torch.randint(0, V, (2, 1), generator=g)
+    step = dict(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
+    with torch.no_grad():
+        ref2 = hf(**step, cache=ref.cache)  # transformers 5.24's name for past_key_values
+        got2 = ours(**step, past_key_values=got.past_key_values)
+    assert got2.past_key_values[0].length == 12
+    torch.testing.assert_close(got2.logits, ref2.logits, atol=ATOL, rtol=0)
 
 
 def test_bad_inputs_are_one_line_errors() -> None:

@@ -69,3 +69,41 @@ def distillation_loss(student_logits: Tensor | None, teacher_logits: Tensor | No
     parts["loss"] = sum((weights[k] * v for k, v in parts.items()),
                         student_hidden.new_zeros(()))
     return parts
+
+
+# ---- the losses models return when given ``labels`` (transformers' conventions) ------------------
+def mean_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE) -> Tensor:
+    """Mean cross-entropy over the positions whose label is not ``ignore_index`` (0 if none).
+
+    The loss of ``transformers``' masked-LM, token-classification and single-label heads.
+    """
+    total, n = token_nll(logits, labels, ignore_index)
+    return total / max(1, n)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE) -> Tensor:
+    """Next-token loss with ``labels`` aligned to the inputs (``labels = input_ids`` works):
+    position t's logits (B, T, V) are scored against labels[:, t + 1] (B, T), as
+    ``transformers``' causal language models shift inside."""
+    return mean_token_nll(logits[:, :-1], labels[:, 1:], ignore_index)
+
+
+def sequence_classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``transformers``' ``BertForSequenceClassification`` loss, chosen by shape and dtype:
+    one label column -> mean squared error (regression); integer labels (B,) -> mean
+    cross-entropy (-100 ignored); float labels (B, K) -> binary cross-entropy (multi-label)."""
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.reshape(-1).float())
+    if not labels.is_floating_point():
+        return mean_token_nll(logits, labels)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
+              end_positions: Tensor) -> Tensor:
+    """Extractive QA (Devlin et al. 2019, section 4.2): the mean of the start and end
+    cross-entropies over S positions; positions outside [0, S) are clamped to S and ignored,
+    as ``transformers``' ``BertForQuestionAnswering`` does."""
+    s = start_logits.size(1)
+    starts, ends = start_positions.reshape(-1).clamp(0, s), end_positions.reshape(-1).clamp(0, s)
+    return (mean_token_nll(start_logits, starts, s) + mean_token_nll(end_logits, ends, s)) / 2

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from attnkit.config import unknown
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import mean_token_nll
+from attnkit.models.outputs import per_layer
 from attnkit.nn.attention.core import attention
 from attnkit.nn.attention.multihead import MultiHeadAttention
 from attnkit.nn.blocks import EncoderBlock
@@ -109,12 +111,25 @@ def bert_config(preset: str = "bert-base", **overrides) -> BertConfig:
 
 @dataclass
 class BertOutput:
-    """What an encoder returns; lists only when asked for (as ``transformers`` orders them)."""
+    """What an encoder returns, named as ``transformers``' ``BaseModelOutputWithPooling``;
+    per-layer tuples only when asked for (``output_hidden_states``, ``output_attentions``)."""
 
-    last_hidden: Tensor                        # (B, S, C)
-    pooled: Tensor | None = None               # (B, C), tanh pooler over the first token
-    hidden_states: list[Tensor] | None = None  # L + 1 x (B, S, C): embeddings, then each layer
-    attentions: list[Tensor] | None = None     # L x (B, H, S, S)
+    last_hidden_state: Tensor                         # (B, S, C)
+    pooler_output: Tensor | None = None               # (B, C), tanh pooler over the first token
+    hidden_states: tuple[Tensor, ...] | None = None   # L + 1 x (B, S, C): embeddings, each layer
+    attentions: tuple[Tensor, ...] | None = None      # L x (B, H, S, S)
+
+    def __post_init__(self) -> None:
+        self.hidden_states = per_layer(self.hidden_states)
+        self.attentions = per_layer(self.attentions)
+
+    @property
+    def last_hidden(self) -> Tensor:  # alias: remove after merge
+        return self.last_hidden_state
+
+    @property
+    def pooled(self) -> Tensor | None:  # alias: remove after merge
+        return self.pooler_output
 
 
 def roberta_position_ids(ids: Tensor, pad_id: int) -> Tensor:
@@ -178,16 +193,24 @@ class BertModel(nn.Module):
             x = x + self.positions(s)
         return self.embed_dropout(self.embed_norm(x))
 
-    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, need_weights: bool = False,
-                output_hidden_states: bool = False) -> BertOutput:
-        """Encode ``ids`` (B, S); ``attention_mask`` (B, S) has 1 for real tokens, 0 for padding.
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, *, output_attentions: bool = False,
+                output_hidden_states: bool = False,
+                ids: Tensor | None = None,  # alias: remove after merge
+                need_weights: bool | None = None,  # alias: remove after merge
+                ) -> BertOutput:
+        """Encode ``input_ids`` (B, S); ``attention_mask`` (B, S) is 1 for real tokens, 0 for
+        padding; ``token_type_ids`` (B, S) the segments (BERT only).
 
         As in ``transformers``, padding is not inferred from ``pad_id``: pass the mask.
         Asked for weights or hidden states, every position is computed by the encoder blocks,
         as ``transformers`` does. Otherwise the fast path runs (:func:`fast_block`): a padded
         batch is packed, so its padding positions come out as zeros.
         """
+        ids = ids if input_ids is None else input_ids  # alias: remove after merge
+        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
+        if ids is None:
+            raise UserError("the encoder needs input_ids")
         mask = key_padding_mask(attention_mask)
         if not (need_weights or output_hidden_states):
             return self._forward_fast(ids, attention_mask, token_type_ids, mask)
@@ -283,9 +306,29 @@ class MLMHead(nn.Module):
 
 @dataclass
 class PreTrainingOutput:
-    mlm_logits: Tensor               # (B, S, V), or (N, V) for the positions of ``mlm_mask``
-    nsp_logits: Tensor | None        # (B, 2): 0 = "B follows A", 1 = "B is random" (as HF)
+    """Named as ``transformers``' ``MaskedLMOutput`` (+ ``seq_relationship_logits`` of
+    ``BertForPreTrainingOutput``); the encoder's own output stays in ``encoder``."""
+
+    logits: Tensor                           # (B, S, V), or (N, V) for the ``mlm_mask`` positions
+    seq_relationship_logits: Tensor | None   # (B, 2): 0 = "B follows A", 1 = "B is random"
     encoder: BertOutput
+    loss: Tensor | None = None               # () MLM (+ NSP) cross-entropy, given labels
+
+    @property
+    def hidden_states(self) -> tuple[Tensor, ...] | None:
+        return self.encoder.hidden_states
+
+    @property
+    def attentions(self) -> tuple[Tensor, ...] | None:
+        return self.encoder.attentions
+
+    @property
+    def mlm_logits(self) -> Tensor:  # alias: remove after merge
+        return self.logits
+
+    @property
+    def nsp_logits(self) -> Tensor | None:  # alias: remove after merge
+        return self.seq_relationship_logits
 
 
 class BertForPreTraining(nn.Module):
@@ -318,16 +361,35 @@ class BertForPreTraining(nn.Module):
         nn.init.zeros_(self.mlm.norm.bias)
         nn.init.zeros_(self.mlm.decoder.bias)
 
-    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, mlm_mask: Tensor | None = None,
-                need_weights: bool = False, output_hidden_states: bool = False
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, *, labels: Tensor | None = None,
+                next_sentence_label: Tensor | None = None, mlm_mask: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                ids: Tensor | None = None,  # alias: remove after merge
+                need_weights: bool | None = None,  # alias: remove after merge
                 ) -> PreTrainingOutput:
-        """MLM logits for every position, or only where ``mlm_mask`` (B, S) is True."""
-        enc = self.bert(ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        need_weights=need_weights, output_hidden_states=output_hidden_states)
-        hidden = enc.last_hidden if mlm_mask is None else enc.last_hidden[mlm_mask]
-        nsp = self.nsp(enc.pooled) if self.nsp is not None else None
-        return PreTrainingOutput(self.mlm(hidden), nsp, enc)
+        """MLM logits for every position, or only where ``mlm_mask`` (B, S) is True.
+
+        ``labels`` (B, S) with -100 where not scored (or (N,) for the ``mlm_mask`` positions)
+        give ``loss``, the mean MLM cross-entropy, plus NSP's given ``next_sentence_label``
+        (B,), as ``transformers``' ``BertForPreTraining`` / ``BertForMaskedLM``.
+        """
+        input_ids = ids if input_ids is None else input_ids  # alias: remove after merge
+        output_attentions = output_attentions or bool(need_weights)  # alias: remove after merge
+        enc = self.bert(input_ids, attention_mask, token_type_ids,
+                        output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states)
+        hidden = (enc.last_hidden_state if mlm_mask is None
+                  else enc.last_hidden_state[mlm_mask])
+        nsp = self.nsp(enc.pooler_output) if self.nsp is not None else None
+        out = PreTrainingOutput(self.mlm(hidden), nsp, enc)
+        if labels is not None:
+            if mlm_mask is not None and labels.shape == mlm_mask.shape:
+                labels = labels[mlm_mask]
+            out.loss = mean_token_nll(out.logits, labels)
+            if next_sentence_label is not None and nsp is not None:
+                out.loss = out.loss + mean_token_nll(nsp, next_sentence_label)
+        return out
 
 
 def build_bert(cfg: BertConfig) -> nn.Module:
@@ -373,7 +435,7 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: Sequence[str], *,
             ids[j, : len(rows[i])] = torch.tensor(rows[i])
             real[j, : len(rows[i])] = 1
         ids, real = ids.to(device), real.to(device)
-        hidden = enc(ids, attention_mask=real).last_hidden  # (b, S, C)
+        hidden = enc(ids, attention_mask=real).last_hidden_state  # (b, S, C)
         w = real[..., None].to(hidden.dtype)
         emb = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
         out[torch.tensor(chunk, device=device)] = F.normalize(emb, dim=-1) if normalize else emb

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from attnkit.config import unknown
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import causal_lm_loss
+from attnkit.models.outputs import per_layer
 from attnkit.nn.attention.multihead import MultiHeadAttention
 from attnkit.nn.blocks import EncoderBlock
 from attnkit.nn.cache import KVCache
@@ -96,11 +98,27 @@ def gpt2_config(preset: str = "small", **overrides) -> GPT2Config:
 
 @dataclass
 class LMOutput:
-    """Next-token logits and, only when asked for, every layer's states and weights."""
+    """Next-token logits and, only when asked for, the loss, states, weights and cache.
 
-    logits: Tensor                              # (B, T, V), or (B, 1, V) with last_only
-    hidden_states: list[Tensor] | None = None   # L + 1 tensors (B, T, C), as Hugging Face's
-    attentions: list[Tensor] | None = None      # L tensors (B, H, T, S)
+    Named as ``transformers``' ``CausalLMOutputWithPast``: ``loss`` when ``labels`` were given,
+    ``past_key_values`` (the per-layer caches, filled) when a cache was passed or
+    ``use_cache=True``.
+    """
+
+    logits: Tensor                                   # (B, T, V), or (B, 1, V) with last_only
+    hidden_states: tuple[Tensor, ...] | None = None  # L + 1 tensors (B, T, C), as transformers
+    attentions: tuple[Tensor, ...] | None = None     # L tensors (B, H, T, S)
+    loss: Tensor | None = None                       # () mean next-token cross-entropy
+    past_key_values: list[KVCache] | None = None     # one cache per layer, filled in place
+
+    def __post_init__(self) -> None:
+        self.hidden_states = per_layer(self.hidden_states)
+        self.attentions = per_layer(self.attentions)
+
+    @property
+    def cache(self) -> list[KVCache] | None:
+        """``past_key_values`` under the name ``transformers`` >= 5.24 gives it."""
+        return self.past_key_values
 
 
 def left_pad_positions(attention_mask: Tensor) -> Tensor:
@@ -109,7 +127,8 @@ def left_pad_positions(attention_mask: Tensor) -> Tensor:
 
 
 class GPT2(nn.Module):
-    """GPT-2: ``forward(ids)`` gives next-token logits; ``new_cache`` enables cached decoding."""
+    """GPT-2: ``forward(input_ids)`` gives next-token logits; ``new_cache`` enables cached
+    decoding (``past_key_values``)."""
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -189,26 +208,46 @@ class GPT2(nn.Module):
             x = x + F.embedding(position_ids, self.positions.embedding.weight)
         return self.dropout(x) if self.training and self.dropout.p > 0 else x
 
-    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: list[KVCache] | None = None,
-                need_weights: bool = False, output_hidden_states: bool = False,
-                last_only: bool = False) -> LMOutput:
-        """Logits (B, T, V) for ``ids`` (B, T) after the ``cache``'s positions (filled in place).
+    def forward(self, input_ids: Tensor | None = None,
+                past_key_values: list[KVCache] | None = None,
+                attention_mask: Tensor | None = None, *, position_ids: Tensor | None = None,
+                labels: Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                last_only: bool = False,
+                ids: Tensor | None = None,  # alias: remove after merge
+                cache: list[KVCache] | None = None,  # transformers >= 5.24's name: kept
+                need_weights: bool | None = None,  # alias: remove after merge
+                ) -> LMOutput:
+        """Logits (B, T, V) for ``input_ids`` (B, T) after the ``past_key_values``' positions.
 
-        ``attention_mask`` (B, S): 1/True for real tokens over cached + new positions;
-        ``position_ids`` (B, T) default to cache length + arange(T).
+        As ``transformers``' ``GPT2LMHeadModel``: ``attention_mask`` (B, S) is 1 for real
+        tokens over cached + new positions; ``position_ids`` (B, T) default to the cache length
+        + arange(T); ``labels`` (B, T) (usually ``input_ids``, -100 where not scored) are
+        shifted inside and give ``loss`` (:func:`~attnkit.losses.causal_lm_loss`).
+        ``past_key_values`` is a list of preallocated caches (:meth:`new_cache`) filled in
+        place; ``use_cache=True`` without one allocates caches for the whole context.
+        ``cache`` is the same argument under the name ``transformers`` 5.24 gives it (where
+        ``past_key_values`` is deprecated); the output carries both names too.
         """
+        input_ids = ids if input_ids is None else input_ids  # alias: remove after merge
+        past_key_values = cache if past_key_values is None else past_key_values
+        output_attentions = output_attentions or bool(need_weights)  # alias: remove after merge
+        if input_ids is None:
+            raise UserError("GPT2.forward needs input_ids")
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache(input_ids.size(0), self.config.n_positions)
+        cache = past_key_values
         past = cache[0].length if cache else 0
-        self._check(ids, past, attention_mask, position_ids)
+        self._check(input_ids, past, attention_mask, position_ids)
         mask = None  # no mask tensor at all when every position is real (the fused fast path)
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        x = self._embed(ids, past, position_ids)
+        x = self._embed(input_ids, past, position_ids)
         states = [x] if output_hidden_states else None
-        weights = [] if need_weights else None
-        causal = ids.size(1) > 1  # one new position may see every cached one: no mask needed
+        weights = [] if output_attentions else None
+        causal = input_ids.size(1) > 1  # one new position sees every cached one: no mask
         for i, block in enumerate(self.blocks):
-            out = block(x, mask, need_weights, causal=causal,
+            out = block(x, mask, output_attentions, causal=causal,
                         cache=cache[i] if cache is not None else None)
             x = out.hidden
             if weights is not None:
@@ -217,7 +256,9 @@ class GPT2(nn.Module):
                 states.append(x)
         x = self.final_norm(x[:, -1:] if last_only and states is None else x)
         if states is not None:
-            states.append(x)  # Hugging Face's last hidden state is after the final norm
+            states.append(x)  # transformers' last hidden state is after the final norm
             x = x[:, -1:] if last_only else x
-        return LMOutput(self.lm_head(x), states, weights)
+        logits = self.lm_head(x)
+        return LMOutput(logits, states, weights,
+                        None if labels is None else causal_lm_loss(logits, labels), cache)
 

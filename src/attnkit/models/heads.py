@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from attnkit.config import unknown
 from attnkit.errors import UserError
+from attnkit.losses import mean_token_nll, sequence_classification_loss, span_loss
 from attnkit.models.bert import BertOutput
 
 POOLINGS = ("pooler", "cls", "mean")
@@ -36,6 +37,15 @@ class HeadOutput:
 
     logits: Tensor            # (B, K) sequence, (B, S, K) token, (B, S, 2) span
     encoder: BertOutput
+    loss: Tensor | None = None  # given labels (span heads: start and end positions)
+
+    @property
+    def hidden_states(self) -> tuple[Tensor, ...] | None:
+        return self.encoder.hidden_states
+
+    @property
+    def attentions(self) -> tuple[Tensor, ...] | None:
+        return self.encoder.attentions
 
     @property
     def start_logits(self) -> Tensor:
@@ -63,11 +73,12 @@ class _Head(nn.Module):
         self.arch = encoder.arch
         self.cfg = encoder.cfg
 
-    def encode(self, ids: Tensor, attention_mask: Tensor | None,
-               token_type_ids: Tensor | None) -> BertOutput:
+    def encode(self, ids: Tensor | None, attention_mask: Tensor | None,
+               token_type_ids: Tensor | None, **outputs: bool) -> BertOutput:
+        """The encoder's output; ``outputs``: ``output_attentions``, ``output_hidden_states``."""
         if token_type_ids is not None and getattr(self.bert, "token_types", None) is None:
             token_type_ids = None  # DistilBERT: no segments
-        return self.bert(ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return self.bert(ids, attention_mask, token_type_ids, **outputs)
 
 
 class SequenceClassifier(_Head):
@@ -89,19 +100,29 @@ class SequenceClassifier(_Head):
         self.classifier = _init_linear(nn.Linear(self.arch.d_model, n_labels),
                                        self.arch.init_std)
 
-    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> HeadOutput:
-        """ids (B, S) -> logits (B, K)."""
-        enc = self.encode(ids, attention_mask, token_type_ids)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, *, labels: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                ids: Tensor | None = None,  # alias: remove after merge
+                ) -> HeadOutput:
+        """input_ids (B, S) -> logits (B, K); ``labels`` (B,) class ids, (B,) floats for one
+        output (regression) or (B, K) floats (multi-label) give ``loss``
+        (:func:`~attnkit.losses.sequence_classification_loss`)."""
+        ids = ids if input_ids is None else input_ids  # alias: remove after merge
+        enc = self.encode(ids, attention_mask, token_type_ids,
+                          output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states)
         if self.pooling == "pooler":
-            summary = enc.pooled
+            summary = enc.pooler_output
         elif self.pooling == "cls":
-            summary = enc.last_hidden[:, 0]
+            summary = enc.last_hidden_state[:, 0]
         else:
             w = (torch.ones_like(ids) if attention_mask is None else attention_mask)[..., None]
-            w = w.to(enc.last_hidden.dtype)
-            summary = (enc.last_hidden * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, C)
-        return HeadOutput(self.classifier(self.dropout(summary)), enc)
+            w = w.to(enc.last_hidden_state.dtype)
+            summary = (enc.last_hidden_state * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, C)
+        logits = self.classifier(self.dropout(summary))
+        loss = None if labels is None else sequence_classification_loss(logits, labels)
+        return HeadOutput(logits, enc, loss)
 
 
 class TokenClassifier(_Head):
@@ -115,11 +136,18 @@ class TokenClassifier(_Head):
         self.classifier = _init_linear(nn.Linear(self.arch.d_model, n_labels),
                                        self.arch.init_std)
 
-    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> HeadOutput:
-        """ids (B, S) -> logits (B, S, K)."""
-        enc = self.encode(ids, attention_mask, token_type_ids)
-        return HeadOutput(self.classifier(self.dropout(enc.last_hidden)), enc)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, *, labels: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                ids: Tensor | None = None,  # alias: remove after merge
+                ) -> HeadOutput:
+        """input_ids (B, S) -> logits (B, S, K); ``labels`` (B, S), -100 where not scored."""
+        ids = ids if input_ids is None else input_ids  # alias: remove after merge
+        enc = self.encode(ids, attention_mask, token_type_ids,
+                          output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states)
+        logits = self.classifier(self.dropout(enc.last_hidden_state))
+        return HeadOutput(logits, enc, None if labels is None else mean_token_nll(logits, labels))
 
 
 class SpanExtractor(_Head):
@@ -129,11 +157,23 @@ class SpanExtractor(_Head):
         super().__init__(encoder)
         self.qa_outputs = _init_linear(nn.Linear(self.arch.d_model, 2), self.arch.init_std)
 
-    def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> HeadOutput:
-        """ids (B, S) -> logits (B, S, 2): ``.start_logits``, ``.end_logits`` (B, S)."""
-        enc = self.encode(ids, attention_mask, token_type_ids)
-        return HeadOutput(self.qa_outputs(enc.last_hidden), enc)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, *, start_positions: Tensor | None = None,
+                end_positions: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                ids: Tensor | None = None,  # alias: remove after merge
+                ) -> HeadOutput:
+        """input_ids (B, S) -> logits (B, S, 2): ``.start_logits``, ``.end_logits`` (B, S);
+        ``start_positions`` and ``end_positions`` (B,) give ``loss`` (:func:`span_loss`)."""
+        ids = ids if input_ids is None else input_ids  # alias: remove after merge
+        enc = self.encode(ids, attention_mask, token_type_ids,
+                          output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states)
+        out = HeadOutput(self.qa_outputs(enc.last_hidden_state), enc)
+        if start_positions is not None and end_positions is not None:
+            out.loss = span_loss(out.start_logits, out.end_logits, start_positions,
+                                 end_positions)
+        return out
 
 
 def best_spans(start: Tensor, end: Tensor, allowed: Tensor, max_answer_len: int

@@ -47,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.config import from_dict, to_dict, unknown
-from attnkit.errors import ConfigError
+from attnkit.errors import ConfigError, UserError
+from attnkit.losses import mean_token_nll
 from attnkit.models.transformer import Seq2SeqOutput
 from attnkit.nn.attention.core import attention
 from attnkit.nn.attention.scores import SCORES, build_score
@@ -204,7 +205,8 @@ def _top(hidden: Hidden) -> Tensor:
 
 
 class RNNSeq2Seq(nn.Module):
-    """RNN encoder-decoder; ``forward(src, tgt_in)`` gives next-token logits (B, T, V).
+    """RNN encoder-decoder; ``forward(input_ids, decoder_input_ids)`` gives next-token logits
+    (B, T, V).
 
     ``start(src, max_len)`` and ``step(tokens, state)`` decode incrementally
     (:mod:`attnkit.decoding`); attention weights (B, 1, T, S) come back only when asked for.
@@ -335,8 +337,23 @@ class RNNSeq2Seq(nn.Module):
             return torch.tanh(self.readout(torch.cat([ctx, h], -1)))  # (..., H)
         return h
 
-    def forward(self, src: Tensor, tgt_in: Tensor, need_weights: bool = False) -> Seq2SeqOutput:
-        """Teacher-forced logits (B, T, V) for target inputs ``tgt_in`` (BOS y1 .. y_{n})."""
+    def forward(self, input_ids: Tensor | None = None, decoder_input_ids: Tensor | None = None,
+                *, labels: Tensor | None = None, output_attentions: bool = False,
+                src: Tensor | None = None,  # alias: remove after merge
+                tgt_in: Tensor | None = None,  # alias: remove after merge
+                need_weights: bool | None = None,  # alias: remove after merge
+                ) -> Seq2SeqOutput:
+        """Teacher-forced logits (B, T, V) for source ``input_ids`` (B, S) (padding =
+        ``pad_id``) and target inputs ``decoder_input_ids`` (B, T) (BOS y1 .. y_{n});
+        ``labels`` (B, T), -100 where not scored, give ``loss`` (mean cross-entropy);
+        ``output_attentions`` gives the alignment as ``cross_attentions`` (one layer, one head).
+        """
+        src = src if input_ids is None else input_ids  # alias: remove after merge
+        if decoder_input_ids is not None:  # alias: remove after merge
+            tgt_in = decoder_input_ids
+        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
+        if src is None or tgt_in is None:
+            raise UserError("the RNN needs input_ids and decoder_input_ids")
         st = self.encode(src)
         y = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
         weights = None
@@ -356,9 +373,10 @@ class RNNSeq2Seq(nn.Module):
             if need_weights:
                 weights = torch.stack([s[2] for s in steps], 1)  # (B, T, S)
         logits = self.out_proj(self.dropout(feats))
+        loss = None if labels is None else mean_token_nll(logits, labels)
         if not need_weights or weights is None:
-            return Seq2SeqOutput(logits)
-        return Seq2SeqOutput(logits, cross_weights=[weights[:, None]])  # (B, 1, T, S)
+            return Seq2SeqOutput(logits, loss=loss)
+        return Seq2SeqOutput(logits, cross_attentions=[weights[:, None]], loss=loss)  # (B,1,T,S)
 
     # -- incremental decoding ------------------------------------------------------------------
     def start(self, src: Tensor, max_len: int) -> RNNState:

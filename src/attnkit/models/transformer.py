@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from attnkit.config import unknown
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import mean_token_nll
+from attnkit.models.outputs import per_layer
 from attnkit.nn.attention.masks import causal_mask, padding_mask
 from attnkit.nn.attention.multihead import MultiHeadAttention
 from attnkit.nn.blocks import DecoderBlock, EncoderBlock
@@ -98,12 +100,35 @@ class EncoderOutput:
 
 @dataclass
 class Seq2SeqOutput:
-    """Logits (B, T, V); attention weights per layer only when asked for."""
+    """Logits (B, T, V); the rest only when asked for, named as ``transformers``'
+    ``Seq2SeqLMOutput``: per-layer attention weights (``output_attentions``), hidden states
+    (``output_hidden_states``) and ``loss`` (given ``labels``)."""
 
     logits: Tensor
-    encoder_weights: list[Tensor] | None = None  # (B, H, S, S)
-    decoder_weights: list[Tensor] | None = None  # (B, H, T, T)
-    cross_weights: list[Tensor] | None = None    # (B, H, T, S)
+    encoder_attentions: tuple[Tensor, ...] | None = None  # (B, H, S, S)
+    decoder_attentions: tuple[Tensor, ...] | None = None  # (B, H, T, T)
+    cross_attentions: tuple[Tensor, ...] | None = None    # (B, H, T, S)
+    loss: Tensor | None = None                            # () mean cross-entropy
+    encoder_last_hidden_state: Tensor | None = None       # (B, S, C)
+    encoder_hidden_states: tuple[Tensor, ...] | None = None  # L_enc + 1 x (B, S, C)
+    decoder_hidden_states: tuple[Tensor, ...] | None = None  # L_dec + 1 x (B, T, C)
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_attentions", "decoder_attentions", "cross_attentions",
+                     "encoder_hidden_states", "decoder_hidden_states"):
+            setattr(self, name, per_layer(getattr(self, name)))
+
+    @property
+    def encoder_weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
+        return self.encoder_attentions
+
+    @property
+    def decoder_weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
+        return self.decoder_attentions
+
+    @property
+    def cross_weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
+        return self.cross_attentions
 
 
 @dataclass
@@ -126,7 +151,8 @@ class DecodeState:
 
 
 class Transformer(nn.Module):
-    """Encoder-decoder Transformer; ``forward(src, tgt_in)`` gives next-token logits."""
+    """Encoder-decoder Transformer; ``forward(input_ids, decoder_input_ids)`` gives
+    next-token logits."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -181,37 +207,75 @@ class Transformer(nn.Module):
             x = x * math.sqrt(self.cfg.d_model)
         return self.embed_dropout(x + self.positions(t, offset))  # (B, T, C)
 
-    def encode(self, src: Tensor, need_weights: bool = False) -> EncoderOutput:
-        """Source ids (B, S) -> memory (B, S, C)."""
-        mask = padding_mask(src, self.cfg.pad_id)
+    def encode(self, src: Tensor, need_weights: bool = False,
+               attention_mask: Tensor | None = None,
+               states: list[Tensor] | None = None) -> EncoderOutput:
+        """Source ids (B, S) -> memory (B, S, C); padding is ``pad_id`` unless
+        ``attention_mask`` (B, S) (1 = real) says otherwise; ``states`` collects the hidden
+        states (embeddings, then each layer's output)."""
+        mask = (padding_mask(src, self.cfg.pad_id) if attention_mask is None
+                else attention_mask.bool()[:, None, None, :])  # (B, 1, 1, S)
         x, weights = self._embed(self.src_embed, src), []
         for block in self.encoder:
+            if states is not None:
+                states.append(x)
             out = block(x, mask=mask, need_weights=need_weights)
             x = out.hidden
             weights.append(out.self_weights)
-        return EncoderOutput(self.encoder_norm(x), mask, weights if need_weights else None)
+        x = self.encoder_norm(x)
+        if states is not None:
+            states.append(x)
+        return EncoderOutput(x, mask, weights if need_weights else None)
 
     def memory_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every decoder layer, computed once per source."""
         return [block.cross_attn.project_kv(memory) for block in self.decoder]
 
-    def forward(self, src: Tensor, tgt_in: Tensor, need_weights: bool = False) -> Seq2SeqOutput:
-        """Teacher-forced logits (B, T, V) for target inputs ``tgt_in`` (BOS y1 .. y_{n})."""
-        enc = self.encode(src, need_weights)
-        t = tgt_in.size(1)
-        self_mask = causal_mask(t, device=tgt_in.device)[None, None]  # (1, 1, T, T)
-        x = self._embed(self.tgt_embed, tgt_in)
-        dec_w, cross_w = [], []
+    def forward(self, input_ids: Tensor | None = None, decoder_input_ids: Tensor | None = None,
+                *, attention_mask: Tensor | None = None,
+                decoder_attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                src: Tensor | None = None,  # alias: remove after merge
+                tgt_in: Tensor | None = None,  # alias: remove after merge
+                need_weights: bool | None = None,  # alias: remove after merge
+                ) -> Seq2SeqOutput:
+        """Teacher-forced logits (B, T, V) for source ``input_ids`` (B, S) and target inputs
+        ``decoder_input_ids`` (B, T) (BOS y1 .. y_{n}).
+
+        Keywords as ``transformers``' encoder-decoders: ``attention_mask`` (B, S) and
+        ``decoder_attention_mask`` (B, T) are 1 for real tokens (default: not ``pad_id``, and
+        every target); ``labels`` (B, T) (y1 .. y_{n+1}, -100 where not scored) give ``loss``,
+        the mean cross-entropy. Positionally ``model(input_ids, decoder_input_ids)``.
+        """
+        input_ids = src if input_ids is None else input_ids  # alias: remove after merge
+        if decoder_input_ids is None:  # alias: remove after merge
+            decoder_input_ids = tgt_in
+        output_attentions = output_attentions or bool(need_weights)  # alias: remove after merge
+        if input_ids is None or decoder_input_ids is None:
+            raise UserError("the Transformer needs input_ids and decoder_input_ids (BOS + "
+                            "the target shifted right)")
+        enc_states = [] if output_hidden_states else None
+        enc = self.encode(input_ids, output_attentions, attention_mask, enc_states)
+        t = decoder_input_ids.size(1)
+        self_mask = causal_mask(t, device=decoder_input_ids.device)[None, None]  # (1, 1, T, T)
+        if decoder_attention_mask is not None:
+            self_mask = self_mask & decoder_attention_mask.bool()[:, None, None, :]
+        x = self._embed(self.tgt_embed, decoder_input_ids)
+        dec_states, dec_w, cross_w = [x], [], []
         for block, kv in zip(self.decoder, self.memory_kv(enc.memory), strict=True):
             out = block(x, kv, self_mask=self_mask, memory_mask=enc.mask,
-                        need_weights=need_weights)
+                        need_weights=output_attentions)
             x = out.hidden
+            dec_states.append(x)
             dec_w.append(out.self_weights)
             cross_w.append(out.cross_weights)
-        logits = self.out_proj(self.decoder_norm(x))
-        if not need_weights:
-            return Seq2SeqOutput(logits)
-        return Seq2SeqOutput(logits, enc.weights, dec_w, cross_w)
+        x = self.decoder_norm(x)
+        dec_states[-1] = x
+        logits = self.out_proj(x)
+        loss = None if labels is None else mean_token_nll(logits, labels)
+        attn = (enc.weights, dec_w, cross_w) if output_attentions else (None, None, None)
+        return Seq2SeqOutput(logits, *attn, loss, enc.memory, enc_states,
+                             dec_states if output_hidden_states else None)
 
     # -- incremental decoding -------------------------------------------------------------
     def start(self, src: Tensor, max_len: int) -> DecodeState:

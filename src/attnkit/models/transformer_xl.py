@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from attnkit.config import from_dict, to_dict, unknown
 from attnkit.errors import ConfigError, UserError
+from attnkit.losses import causal_lm_loss
+from attnkit.models.outputs import per_layer
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan
 from attnkit.nn.attention.multihead import MHAOutput
 from attnkit.nn.attention.persistent import PersistentMemory
@@ -135,12 +137,24 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class XLOutput:
-    """Logits (B, T, V), the next segment's memory (per layer (B, M', C), detached) and, only
-    when asked, the attention weights per layer (B, H, T, S [+ N])."""
+    """Logits (B, T, V), the next segment's memory ``mems`` (per layer (B, M', C), detached)
+    and, only when asked, per layer the attention weights (B, H, T, S [+ N]), the hidden
+    states (L + 1 x (B, T, C)) and ``loss`` (given ``labels``), named as ``transformers``'
+    ``TransfoXLLMHeadModelOutput``."""
 
     logits: Tensor
     mems: list[Tensor]
-    weights: list[Tensor] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.attentions = per_layer(self.attentions)
+        self.hidden_states = per_layer(self.hidden_states)
+
+    @property
+    def weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
+        return self.attentions
 
 
 class XLBlock(nn.Module):
@@ -171,7 +185,7 @@ class XLBlock(nn.Module):
 
 
 class TransformerXL(nn.Module):
-    """The language model: ``forward(tokens, mems)`` -> :class:`XLOutput`."""
+    """The language model: ``forward(input_ids, mems)`` -> :class:`XLOutput`."""
 
     family = FAMILY
 
@@ -226,10 +240,22 @@ class TransformerXL(nn.Module):
         return out
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, mems: list[Tensor] | None = None, *,
-                mem_len: int | None = None, need_weights: bool = False) -> XLOutput:
-        """``tokens`` (B, T) after the memory ``mems``; ``mem_len`` overrides the configured
-        memory length for this call (e.g. a longer memory in evaluation)."""
+    def forward(self, input_ids: Tensor | None = None, mems: list[Tensor] | None = None, *,
+                labels: Tensor | None = None, mem_len: int | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                tokens: Tensor | None = None,  # alias: remove after merge
+                need_weights: bool | None = None,  # alias: remove after merge
+                ) -> XLOutput:
+        """``input_ids`` (B, T) after the memory ``mems`` (the ``mems`` of the previous
+        segment's output; transformers' TransfoXL used the same name: it holds hidden states,
+        not keys and values); ``mem_len`` overrides the configured memory length for this call
+        (e.g. a longer memory in evaluation). ``labels`` (B, T) (``labels = input_ids``, -100
+        where not scored) are shifted inside and give ``loss``, the mean next-token
+        cross-entropy within the segment."""
+        tokens = tokens if input_ids is None else input_ids  # alias: remove after merge
+        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
+        if tokens is None:
+            raise UserError("Transformer-XL needs input_ids")
         cfg = self.cfg
         mem_len = cfg.mem_len if mem_len is None else mem_len
         if mem_len < 0:
@@ -251,7 +277,9 @@ class TransformerXL(nn.Module):
             x = self.final_norm(x)
         logits = self.head(self.drop(x))  # (B, T, V)
         return XLOutput(logits, self.update_mems(mems if m else None, hiddens, mem_len),
-                        weights if need_weights else None)
+                        weights if need_weights else None,
+                        None if labels is None else causal_lm_loss(logits, labels),
+                        [*hiddens, x] if output_hidden_states else None)
 
     # ---- adaptive span ---------------------------------------------------------------------------
     def spans(self) -> list[Tensor]:
