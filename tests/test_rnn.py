@@ -99,13 +99,13 @@ def test_bahdanau_step_equals_the_paper_equations() -> None:
     assert model.cfg.score == "additive" and model.cfg.input_feeding is False
     state = model.start(SOURCES, 10)
     logits = model.step(TARGETS[:, :1], state)
-    out = model(SOURCES, TARGETS[:, :1], need_weights=True)
+    out = model(SOURCES, TARGETS[:, :1], output_attentions=True)
     for row, length in ((0, 5), (1, 3)):
         ref, alpha = bahdanau_reference(model, SOURCES[row, :length].tolist(), 1)
         torch.testing.assert_close(logits[row], ref, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(out.cross_weights[0][row, 0, 0, :length], alpha,
+        torch.testing.assert_close(out.cross_attentions[0][row, 0, 0, :length], alpha,
                                    rtol=1e-10, atol=1e-10)
-    assert out.cross_weights[0][1, 0, 0, 3:].abs().max() == 0  # padding gets no weight
+    assert out.cross_attentions[0][1, 0, 0, 3:].abs().max() == 0  # padding gets no weight
 
 
 def luong_reference(model: RNNSeq2Seq, src: list[int], targets: list[int]) -> list:
@@ -162,7 +162,7 @@ def test_incremental_steps_equal_teacher_forcing_and_padding_changes_nothing(kw:
     state = model.start(SOURCES, 10)
     steps = torch.stack([model.step(TARGETS[:, t:t + 1], state) for t in range(4)], 1)
     torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
-    explicit = model(SOURCES, TARGETS, need_weights=True).logits  # the core's explicit path
+    explicit = model(SOURCES, TARGETS, output_attentions=True).logits  # the core's explicit path
     torch.testing.assert_close(explicit, full, rtol=1e-9, atol=1e-9)
     alone = model(SOURCES[1:, :3], TARGETS[1:]).logits  # the padded row without its padding
     torch.testing.assert_close(full[1:], alone, rtol=1e-9, atol=1e-9)
@@ -174,11 +174,30 @@ def test_incremental_steps_equal_teacher_forcing_and_padding_changes_nothing(kw:
 @pytest.mark.parametrize("attention", ["bahdanau", "luong"])
 def test_weights_are_distributions_over_real_source_tokens(attention: str) -> None:
     model = tiny(attention=attention)
-    w = model(SOURCES, TARGETS, need_weights=True).cross_weights
+    w = model(SOURCES, TARGETS, output_attentions=True).cross_attentions
     assert len(w) == 1 and w[0].shape == (2, 1, 4, 5)
     torch.testing.assert_close(w[0].sum(-1), torch.ones(2, 1, 4, dtype=torch.float64))
     assert w[0][1, ..., 3:].abs().max() == 0
-    assert model(SOURCES, TARGETS).cross_weights is None  # only when asked for
+    assert model(SOURCES, TARGETS).cross_attentions is None  # only when asked for
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong"])
+def test_transformers_keywords_give_loss_and_cross_attentions(attention: str) -> None:
+    """input_ids / decoder_input_ids / labels as transformers' encoder-decoders take them; the
+    loss is F.cross_entropy of the logits (-100 not scored), the alignment comes back as
+    cross_attentions."""
+    model = tiny(attention=attention)
+    labels = torch.tensor([[5, 12, 4, 2], [7, 2, -100, -100]])
+    with torch.no_grad():
+        out = model(input_ids=SOURCES, decoder_input_ids=TARGETS, labels=labels,
+                    output_attentions=True)
+        plain = model(SOURCES, TARGETS)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=1e-12)
+    ref = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(out.loss, ref, rtol=0, atol=1e-12)
+    assert plain.loss is None and plain.cross_attentions is None
+    (w,) = out.cross_attentions
+    assert w.shape == (2, 1, 4, 5) and w[1, :, :, 3:].abs().max() == 0
 
 
 def test_beam_search_scores_what_the_model_says() -> None:
@@ -203,7 +222,7 @@ def test_capture_gives_the_alignment_map() -> None:
     group = cap.group("cross")
     assert group.n_layers == 1 and group.n_heads == 1 and group.weights[0].shape == (1, 3, 3)
     want = model(torch.tensor([[4, 5, 6]]), torch.tensor([[1, 7, 8]]),
-                 need_weights=True).cross_weights[0][0]
+                 output_attentions=True).cross_attentions[0][0]
     torch.testing.assert_close(group.weights[0], want)
     assert group.rows == ["t1", "t7", "t8"] and group.cols == ["t4", "t5", "t6"]
 

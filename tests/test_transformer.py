@@ -183,27 +183,56 @@ def test_need_weights_shapes_and_rows():
     src[1, 4:] = PAD
     tgt = tokens(2, 5, seed=2)
     with torch.no_grad():
-        out = model(src, tgt, need_weights=True)
+        out = model(src, tgt, output_attentions=True)
         plain = model(src, tgt)
-    assert plain.encoder_weights is None and plain.cross_weights is None
+    assert plain.encoder_attentions is None and plain.cross_attentions is None
     torch.testing.assert_close(out.logits, plain.logits)
     assert out.logits.shape == (2, 5, 23)
-    for name, n, shape in [("encoder_weights", 2, (2, 4, 6, 6)),
-                           ("decoder_weights", 2, (2, 4, 5, 5)),
-                           ("cross_weights", 2, (2, 4, 5, 6))]:
+    for name, n, shape in [("encoder_attentions", 2, (2, 4, 6, 6)),
+                           ("decoder_attentions", 2, (2, 4, 5, 5)),
+                           ("cross_attentions", 2, (2, 4, 5, 6))]:
         ws = getattr(out, name)
         assert len(ws) == n, name
         for w in ws:
             assert w.shape == shape, name
             torch.testing.assert_close(w.sum(-1), torch.ones(shape[:-1], dtype=torch.float64))
-    for w in out.encoder_weights + out.cross_weights:
+    for w in out.encoder_attentions + out.cross_attentions:
         assert (w[1, :, :, 4:] == 0).all() and (w[0] > 0).all()
-    for w in out.decoder_weights:
+    for w in out.decoder_attentions:
         lower = torch.ones(5, 5, dtype=torch.bool).tril()
         assert (w[..., ~lower] == 0).all() and (w[..., lower] > 0).all()
 
 
 # -- incremental decoding ---------------------------------------------------------------------
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformers_keywords_and_output_names(norm_first):
+    """Keywords of transformers' encoder-decoders; every output name checked against an
+    independent computation (float64): the loss by F.cross_entropy, the logits from the last
+    decoder hidden state through the tied embedding, the masks against their defaults."""
+    model = model_of(tiny(norm_first=norm_first), torch.float64)
+    src, tgt, labels = tokens(2, 6), tokens(2, 5, seed=2), tokens(2, 5, seed=3)
+    src[1, 4:] = PAD
+    labels[0, 3:] = -100  # not scored
+    with torch.no_grad():
+        out = model(input_ids=src, decoder_input_ids=tgt, labels=labels,
+                    output_attentions=True, output_hidden_states=True)
+        masked = model(input_ids=src, attention_mask=(src != PAD).long(),
+                       decoder_input_ids=tgt, decoder_attention_mask=torch.ones_like(tgt))
+        positional = model(src, tgt)
+    ref = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(out.loss, ref, rtol=0, atol=1e-12)
+    assert positional.loss is None and positional.decoder_hidden_states is None
+    for other in (masked, positional):
+        torch.testing.assert_close(other.logits, out.logits, rtol=0, atol=1e-12)
+    assert len(out.encoder_hidden_states) == len(out.decoder_hidden_states) == 3
+    torch.testing.assert_close(out.encoder_last_hidden_state, out.encoder_hidden_states[-1])
+    proj = out.decoder_hidden_states[-1] @ model.tgt_embed.weight.T  # (B, T, V), tied output
+    torch.testing.assert_close(out.logits, proj, rtol=0, atol=1e-12)
+    assert [len(out.encoder_attentions), len(out.decoder_attentions),
+            len(out.cross_attentions)] == [2, 2, 2]
+    assert (out.cross_attentions[-1][1, :, :, 4:] == 0).all()  # padded source keys
+
+
 @pytest.mark.parametrize("norm_first,positions", [(False, "sinusoidal"), (True, "learned")])
 @pytest.mark.parametrize("chunks", [[1] * 7, [3, 1, 2, 1], [7]])
 def test_incremental_steps_equal_forward(norm_first, positions, chunks):

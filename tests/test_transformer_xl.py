@@ -155,6 +155,33 @@ def test_finite_memory_gives_exactly_the_promised_window():
             assert alive.tolist() == [j <= m + i for j in range(m + 4)]
 
 
+def test_transformers_keywords_and_output_names():
+    """input_ids / mems / labels as transformers' TransfoXL took them: the loss is the shifted
+    F.cross_entropy, the logits are the last hidden state through the tied embedding, and the
+    returned mems carry the next segment exactly as one pass over both segments."""
+    torch.manual_seed(7)
+    model = tiny(mem_len=8)
+    ids = torch.randint(0, 11, (2, 10))
+    labels = ids.clone()
+    labels[1, 6:] = -100
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :5], labels=labels[:, :5], output_attentions=True,
+                      output_hidden_states=True)
+        second = model(input_ids=ids[:, 5:], mems=first.mems)
+        full = model(input_ids=ids, labels=labels, mem_len=0)
+    logits = full.logits[:, :-1].flatten(0, 1)
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten())
+    torch.testing.assert_close(full.loss, ref, rtol=0, atol=1e-12)
+    first_ref = torch.nn.functional.cross_entropy(full.logits[:, :4].flatten(0, 1),
+                                                  labels[:, 1:5].flatten())
+    torch.testing.assert_close(first.loss, first_ref, rtol=0, atol=1e-10)
+    assert len(first.hidden_states) == 3 and len(first.attentions) == 2
+    torch.testing.assert_close(first.hidden_states[-1] @ model.embed.weight.T, first.logits,
+                               rtol=0, atol=1e-12)
+    assert first.attentions[0].shape == (2, 2, 5, 5) and second.loss is None
+    torch.testing.assert_close(second.logits, full.logits[:, 5:], rtol=0, atol=1e-10)
+
+
 def test_same_length_gives_every_query_mem_len_keys():
     torch.manual_seed(5)
     model = tiny(n_layers=1, mem_len=6, same_length=True)
