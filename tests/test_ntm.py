@@ -180,7 +180,7 @@ def test_ntm_runs_and_keeps_weightings_normalised() -> None:
     cfg = NTMConfig(controller_size=16, memory_size=10, memory_width=4, read_heads=2)
     model = NTM(cfg)
     x = copy_examples(batch_generator(0, 0), 3, 4).inputs  # (3, 9, 9)
-    out = model(x, need_weights=True)
+    out = model(x, output_attentions=True)
     assert out.logits.shape == (3, 9, 8)
     assert out.read_weights.shape == (3, 9, 2, 10)
     assert out.write_weights.shape == (3, 9, 1, 10)
