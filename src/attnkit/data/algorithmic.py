@@ -19,13 +19,14 @@ consumes: batch ``i`` is drawn from a generator seeded by ``(seed, i)``, and its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from attnkit.data.stream import BatchStream
 from attnkit.errors import UserError
 
 
@@ -117,36 +118,20 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-class GeneratedBatches:
-    """Endless resumable stream: batch ``i`` is ``make(batch_generator(seed, i))``.
-
-    :meth:`state_dict` after receiving a batch names the next one, as
-    :class:`attnkit.data.batching.TokenBatches` does.
-    """
+class GeneratedBatches(BatchStream):
+    """Endless resumable stream: batch ``i`` is ``make(batch_generator(seed, i))``
+    (:class:`attnkit.data.stream.BatchStream`: the state is ``i`` and the seed)."""
 
     def __init__(self, make: Callable[[torch.Generator], TensorBatch], seed: int = 0) -> None:
+        super().__init__()
         self.make = make
         self.seed = seed
-        self.index = 0
 
-    def __iter__(self) -> Iterator[TensorBatch]:
-        while True:
-            gen = batch_generator(self.seed, self.index)
-            self.index += 1  # before yielding: the state then names the next batch
-            yield self.make(gen)
+    def batch(self, k: int) -> TensorBatch:
+        return self.make(batch_generator(self.seed, k))
 
-    def state_dict(self) -> dict:
-        return {"index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            index, seed = int(state["index"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"invalid data stream state: {state!r}") from None
-        if seed != self.seed:
-            raise UserError(f"data stream state was saved with seed {seed}, this run uses "
-                            f"{self.seed}")
-        self.index = index
+    def fingerprint(self) -> dict:
+        return {"seed": self.seed}
 
 
 def fixed_batches(make: Callable[[torch.Generator], TensorBatch], seed: int, n: int

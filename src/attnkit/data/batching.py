@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from attnkit.data.stream import BatchStream
 from attnkit.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -118,7 +119,7 @@ def _check(pairs: list[Pair], max_tokens: int) -> None:
         raise UserError(f"max_tokens must be positive, got {max_tokens}")
 
 
-class TokenBatches:
+class TokenBatches(BatchStream):
     """Infinite, shuffled, resumable stream of Seq2SeqBatch by token count with length bucketing.
 
     Each epoch: shuffle the pairs (generator seeded by ``(seed, epoch)``), sort by length inside
@@ -129,10 +130,15 @@ class TokenBatches:
     The stream's position is part of the object: :meth:`state_dict` after receiving a batch
     names the next one, so iterating a fresh object after :meth:`load_state_dict` continues
     exactly where the saved one stopped. Do not iterate one object from two loops at once.
+    The position is (epoch, index within the epoch), not one batch number as in the other
+    streams (:mod:`attnkit.data.stream`): epochs hold different numbers of batches.
     """
+
+    position = ("epoch", "index")
 
     def __init__(self, pairs: list[Pair], max_tokens: int, seed: int = 0,
                  shuffle: bool = True, chunk_size: int = 1 << 16) -> None:
+        super().__init__()
         _check(pairs, max_tokens)
         self.pairs = pairs
         self.max_tokens = max_tokens
@@ -141,7 +147,6 @@ class TokenBatches:
         self.chunk_size = max(1, chunk_size)
         self.src_len, self.tgt_len = _lengths(pairs)
         self.epoch = 0
-        self.index = 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -169,21 +174,8 @@ class TokenBatches:
                 yield collate([self.pairs[i] for i in ids], ids)
             self.epoch, self.index = self.epoch + 1, 0
 
-    def state_dict(self) -> dict:
-        """Position of the next batch: ``{"epoch", "index", "n_pairs", "seed"}``."""
-        return {"epoch": self.epoch, "index": self.index, "n_pairs": len(self.pairs),
-                "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict` taken on a stream over the same pairs."""
-        try:
-            epoch, index = int(state["epoch"]), int(state["index"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"invalid data stream state: {state!r}") from None
-        if state.get("n_pairs", len(self.pairs)) != len(self.pairs):
-            raise UserError(f"data stream state was saved over {state['n_pairs']} pairs, "
-                            f"but the data now has {len(self.pairs)}")
-        self.epoch, self.index = epoch, index
+    def fingerprint(self) -> dict:
+        return {"n_pairs": len(self.pairs), "seed": self.seed}
 
 
 def eval_batches(pairs: list[Pair], max_tokens: int) -> list[Seq2SeqBatch]:

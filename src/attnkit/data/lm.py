@@ -22,7 +22,6 @@ Nothing here knows a model family: :func:`score` takes any ``forward(ids) -> log
 from __future__ import annotations
 
 import json
-import math
 import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from attnkit.data.stream import BatchStream
 from attnkit.data.text import read_text
 from attnkit.errors import UserError
+from attnkit.evaluation import NLLScore, eval_loop
 from attnkit.losses import IGNORE, token_nll
 
 # ---- documents ---------------------------------------------------------------------------------
@@ -186,15 +187,17 @@ class LMBatch:
         return LMBatch(self.ids[rank::world], self.targets[rank::world])
 
 
-class LMWindows:
+class LMWindows(BatchStream):
     """Endless stream of :class:`LMBatch` of ``batch_size`` random windows of the token stream.
 
     Window offsets of batch ``k`` are drawn uniformly from ``[0, N - block_size - 1]`` by a
-    generator seeded with ``(seed, k)``; the state is just ``k``, so a fresh object after
+    generator seeded with ``(seed, k)``; the state is just ``k``
+    (:class:`attnkit.data.stream.BatchStream`), so a fresh object after
     :meth:`load_state_dict` continues bitwise where the saved one stopped.
     """
 
     def __init__(self, stream: Tensor, block_size: int, batch_size: int, seed: int = 0) -> None:
+        super().__init__()
         if block_size < 1 or batch_size < 1:
             raise UserError(f"block_size and batch_size must be >= 1, got {block_size} and "
                             f"{batch_size}")
@@ -203,7 +206,6 @@ class LMWindows:
                             f"block_size + 1 = {block_size + 1} (lower block_size)")
         self.stream = stream.to(torch.int32 if int(stream.max()) < 2**31 else torch.int64)
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.index = 0
         self._span = torch.arange(block_size + 1)
 
     @property
@@ -218,26 +220,9 @@ class LMWindows:
         windows = self.stream[torch.from_numpy(starts)[:, None] + self._span].long()
         return LMBatch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())
 
-    def __iter__(self) -> Iterator[LMBatch]:
-        while True:
-            k = self.index
-            self.index += 1  # before yielding: the state then names the next batch
-            yield self.batch(k)
-
-    def state_dict(self) -> dict:
-        return {"index": self.index, "seed": self.seed, "n_tokens": self.n_tokens,
-                "block_size": self.block_size, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            index = int(state["index"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"invalid data stream state: {state!r}") from None
-        for key in ("n_tokens", "block_size", "batch_size", "seed"):
-            if key in state and state[key] != getattr(self, key):
-                raise UserError(f"data stream state was saved with {key} {state[key]}, but the "
-                                f"data now has {getattr(self, key)}")
-        self.index = index
+    def fingerprint(self) -> dict:
+        return {"seed": self.seed, "n_tokens": self.n_tokens, "block_size": self.block_size,
+                "batch_size": self.batch_size}
 
 
 def eval_windows(stream: Tensor, block_size: int, batch_size: int, stride: int = 0,
@@ -284,36 +269,8 @@ def logits_of(model: nn.Module, ids: Tensor) -> Tensor:
     return out if isinstance(out, Tensor) else out.logits
 
 
-@dataclass(frozen=True)
-class LMScore:
-    """Summed NLL of a held-out stream: ``nll`` nats over ``tokens`` targets and ``chars``."""
-
-    nll: float
-    tokens: int
-    chars: int
-
-    @property
-    def loss(self) -> float:
-        """Mean NLL per token (nats)."""
-        return self.nll / max(1, self.tokens)
-
-    @property
-    def ppl(self) -> float:
-        """Per-token perplexity, exp(loss)."""
-        return math.exp(min(self.loss, 700.0))
-
-    @property
-    def bpc(self) -> float:
-        """Bits per character: total nats / (ln 2 * characters)."""
-        return self.nll / (math.log(2) * max(1, self.chars))
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}loss": self.loss, f"{prefix}ppl": self.ppl, f"{prefix}bpc": self.bpc,
-                f"{prefix}tokens": self.tokens, f"{prefix}chars": self.chars}
-
-
 def score(forward: Callable[[Tensor], Tensor] | nn.Module, batches: Sequence[LMBatch],
-          n_chars: int, device: torch.device | str | None = None) -> LMScore:
+          n_chars: int, device: torch.device | str | None = None) -> NLLScore:
     """Sum the NLL of every scored target of ``batches`` (from :func:`eval_windows`).
 
     ``forward(ids) -> logits (B, T, V)``; a module is called through :func:`logits_of`. The sum
@@ -324,9 +281,7 @@ def score(forward: Callable[[Tensor], Tensor] | nn.Module, batches: Sequence[LMB
         device = next((p.device for p in forward.parameters()), None)
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in batches:
-            if device is not None:
-                batch = batch.to(device)
+        for batch in eval_loop(batches, device):
             loss, n = token_nll(fn(batch.ids), batch.targets)
             total, count = total + float(loss.double()), count + n
-    return LMScore(total, count, n_chars)
+    return NLLScore(total, count, n_chars)

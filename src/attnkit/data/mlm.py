@@ -23,7 +23,7 @@ Notation: B batch, S sequence length, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attnkit.data.stream import EpochBatches
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import IGNORE
 
@@ -352,32 +353,22 @@ def mask_examples(examples: Sequence[Example], masker: Masker, pad_id: int, gen_
     return MLMBatch(inputs, labels, mask, types, nsp)
 
 
-class MLMBatches:
+class MLMBatches(EpochBatches):
     """Endless, exactly resumable stream of masked batches over fixed examples.
 
     Epoch ``e`` visits the examples in a permutation seeded by (seed, e), in batches of
     ``batch_size`` (the last partial batch of an epoch is dropped; the next epoch's order
-    differs). Batch ``k`` is masked with a generator seeded by (seed, k) when
-    ``masker.cfg.dynamic``, else each row by (seed, example index): BERT's static mask. The
-    state is just ``k``.
+    differs; :class:`attnkit.data.stream.EpochBatches`). Batch ``k`` is masked with a generator
+    seeded by (seed, k) when ``masker.cfg.dynamic``, else each row by (seed, example index):
+    BERT's static mask. The state is just ``k``.
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, masker: Masker,
                  pad_id: int, seed: int = 0) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if not examples:
             raise UserError("no training sequences: the text is empty")
-        self.examples, self.masker, self.pad_id, self.seed = list(examples), masker, pad_id, seed
-        self.batch_size = min(batch_size, len(self.examples))
-        self.per_epoch = len(self.examples) // self.batch_size
-        self.index = 0
-
-    def rows(self, k: int) -> np.ndarray:
-        """Example indices of batch ``k``."""
-        epoch, j = divmod(k, self.per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return order[j * self.batch_size: (j + 1) * self.batch_size]
+        super().__init__(len(examples), batch_size, seed)
+        self.examples, self.masker, self.pad_id = list(examples), masker, pad_id
 
     def batch(self, k: int) -> MLMBatch:
         """Batch number ``k`` (deterministic)."""
@@ -386,28 +377,6 @@ class MLMBatches:
         if self.masker.cfg.dynamic:
             return mask_examples(chosen, self.masker, self.pad_id, (self.seed, 1, k))
         return mask_examples(chosen, self.masker, self.pad_id, (self.seed, 2), rows.tolist())
-
-    def __iter__(self) -> Iterator[MLMBatch]:
-        while True:
-            k = self.index
-            self.index += 1  # before yielding: the state names the next batch
-            yield self.batch(k)
-
-    def state_dict(self) -> dict:
-        return {"index": self.index, "seed": self.seed, "n_examples": len(self.examples),
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            index = int(state["index"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"invalid data stream state: {state!r}") from None
-        for key, have in (("seed", self.seed), ("n_examples", len(self.examples)),
-                          ("batch_size", self.batch_size)):
-            if key in state and state[key] != have:
-                raise UserError(f"data stream state was saved with {key} {state[key]}, but the "
-                                f"data now has {have}")
-        self.index = index
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, masker: Masker, pad_id: int,

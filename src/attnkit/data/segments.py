@@ -25,15 +25,16 @@ per character.
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from attnkit.data.stream import BatchStream
 from attnkit.errors import UserError
+from attnkit.evaluation import NLLScore, eval_loop
 from attnkit.losses import token_nll
 
 
@@ -84,10 +85,17 @@ def stream_rows(stream: Tensor, batch_size: int) -> Tensor:
     return stream[: n * batch_size].view(batch_size, n)
 
 
-class SegmentStream:
-    """Endless, exactly resumable stream of :class:`SegmentBatch` for :func:`fit`."""
+class SegmentStream(BatchStream):
+    """Endless, exactly resumable stream of :class:`SegmentBatch` for :func:`fit`.
+
+    Not epoch-shuffled like the other streams (:mod:`attnkit.data.stream`): Transformer-XL
+    reads its rows in order, because the memory kept from segment k is the context of
+    segment k + 1. The position is :class:`~attnkit.data.stream.BatchStream`'s; the state
+    adds the memory (per rank under torch.distributed).
+    """
 
     def __init__(self, stream: Tensor, batch_size: int, seg_len: int) -> None:
+        super().__init__()
         if seg_len < 1:
             raise UserError(f"seg_len must be >= 1, got {seg_len}")
         self.rows = stream_rows(stream.long(), batch_size)
@@ -97,10 +105,9 @@ class SegmentStream:
             raise UserError(f"the training text has {len(stream)} tokens: {batch_size} rows of "
                             f"{self.rows.size(1)} cannot hold one segment of {seg_len} + 1 "
                             "(lower seg_len or batch_size)")
-        self.index = 0  # the next segment to yield (counting over all passes)
         self.carry = MemoryCarry()
 
-    def segment(self, k: int) -> SegmentBatch:
+    def batch(self, k: int) -> SegmentBatch:
         """Batch number ``k``: segment k mod n_segments of every row."""
         pos = k % self.n_segments
         start = pos * self.seg_len
@@ -108,30 +115,18 @@ class SegmentStream:
         return SegmentBatch(window[:, :-1].contiguous(), window[:, 1:].contiguous(),
                             reset=pos == 0, carry=self.carry)
 
-    def __iter__(self) -> Iterator[SegmentBatch]:
-        while True:
-            k = self.index
-            self.index += 1  # before yielding: the state names the next batch
-            yield self.segment(k)
-
     per_rank_state = True  # the memory differs between ranks: fit saves every rank's state
+
+    def fingerprint(self) -> dict:
+        return {"batch_size": self.batch_size, "seg_len": self.seg_len,
+                "n_segments": self.n_segments}
 
     def state_dict(self) -> dict:
         mems = self.carry.mems or []
-        return {"index": self.index, "batch_size": self.batch_size, "seg_len": self.seg_len,
-                "n_segments": self.n_segments,
-                "memory": [m.detach().cpu() for m in mems]}
+        return {**super().state_dict(), "memory": [m.detach().cpu() for m in mems]}
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            index = int(state["index"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"invalid segment stream state: {state!r}") from None
-        for key in ("batch_size", "seg_len", "n_segments"):
-            if key in state and state[key] != getattr(self, key):
-                raise UserError(f"the segment stream was saved with {key} {state[key]}, the "
-                                f"data now gives {getattr(self, key)}")
-        self.index = index
+        super().load_state_dict(state)
         mems = list(state.get("memory") or [])
         from attnkit.train import distributed as dist
         rows = len(range(dist.rank(), self.batch_size, dist.world_size()))
@@ -145,26 +140,8 @@ class SegmentStream:
 Forward = Callable[[Tensor, list[Tensor] | None], tuple[Tensor, list[Tensor]]]
 
 
-@dataclass(frozen=True)
-class SegmentScore:
-    """Summed NLL (nats) of ``tokens`` scored targets standing for ``chars`` characters."""
-
-    nll: float
-    tokens: int
-    chars: float
-
-    @property
-    def loss(self) -> float:
-        return self.nll / max(1, self.tokens)
-
-    @property
-    def bpc(self) -> float:
-        """Bits per character: total nats / (ln 2 * characters)."""
-        return self.nll / (math.log(2) * max(1e-9, self.chars))
-
-
 def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: int = 1,
-                   chars: int | None = None) -> SegmentScore:
+                   chars: int | None = None) -> NLLScore:
     """Score every target of ``batch_size`` contiguous rows of ``stream``, segment by segment,
     carrying the memory: ``forward(ids (B, t), mems) -> (logits (B, t, V), new mems)``.
 
@@ -177,9 +154,9 @@ def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: i
     chars = total_targets if chars is None else chars
     nll, count, mems = 0.0, 0, None
     with torch.no_grad():
-        for start in range(0, rows.size(1) - 1, seg_len):
+        for start in eval_loop(range(0, rows.size(1) - 1, seg_len)):
             window = rows[:, start: start + seg_len + 1]
             logits, mems = forward(window[:, :-1], mems)
             loss, n = token_nll(logits, window[:, 1:])
             nll, count = nll + float(loss.double()), count + n
-    return SegmentScore(nll, count, chars * count / max(1, total_targets))
+    return NLLScore(nll, count, chars * count / max(1, total_targets))

@@ -29,8 +29,9 @@ from torch import nn
 from attnkit.config import unknown
 from attnkit.data.lm import encode_documents, n_characters, text_chunks
 from attnkit.data.lm import truncate_documents as truncate
-from attnkit.data.segments import SegmentScore, SegmentStream, score_segments
+from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.errors import ConfigError
+from attnkit.evaluation import NLLScore
 from attnkit.losses import token_nll
 from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
@@ -117,7 +118,7 @@ def xl_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
 
 
 def evaluate_bpc(model: TransformerXL, stream: torch.Tensor, seg_len: int, mem_len: int,
-                 batch_size: int = 1, chars: int | None = None) -> SegmentScore:
+                 batch_size: int = 1, chars: int | None = None) -> NLLScore:
     """Held-out NLL and bits per character, segment by segment with ``mem_len`` of memory."""
     def forward(ids: torch.Tensor, mems: list[torch.Tensor] | None):
         out = model(ids, mems, mem_len=mem_len)
