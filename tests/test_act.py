@@ -162,7 +162,8 @@ def test_parity_examples_by_brute_force() -> None:
 
 def test_parity_training_runs_and_ponders() -> None:
     """A short training on parity vectors of 3 entries: the loss falls, ponder time counts."""
-    from attnkit.recipes.act import ParityACT, ParityModelConfig, loss_fn
+    from attnkit.models.act import ParityACT, ParityModelConfig
+    from attnkit.recipes.act import loss_fn
 
     torch.manual_seed(0)
     model = ParityACT(ParityModelConfig(size=3, hidden_size=32, max_steps=10))

@@ -14,17 +14,9 @@ import transformers
 from attnkit.convert import bert as cb
 from attnkit.errors import UserError
 from attnkit.models.heads import SequenceClassifier, SpanExtractor, TokenClassifier, best_spans
-from attnkit.recipes.finetune import (
-    FinetuneConfig,
-    FinetuneData,
-    accuracy,
-    encode_qa,
-    macro_f1,
-    normalize_answer,
-    read_records,
-    span_f1,
-    squad_scores,
-)
+from attnkit.data.records import FinetuneData, encode_qa, read_records
+from attnkit.evaluation import accuracy, macro_f1, normalize_answer, span_f1, squad_scores
+from attnkit.recipes.finetune import FinetuneConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "finetune"
 

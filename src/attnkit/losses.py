@@ -107,3 +107,30 @@ def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
     s = start_logits.size(1)
     starts, ends = start_positions.reshape(-1).clamp(0, s), end_positions.reshape(-1).clamp(0, s)
     return (mean_token_nll(start_logits, starts, s) + mean_token_nll(end_logits, ends, s)) / 2
+
+
+# ---- summed losses for the training loop (fit divides by the count) ------------------------------
+def span_nll(logits: Tensor, spans: Tensor) -> tuple[Tensor, int]:
+    """Extractive QA: the mean of the start and end cross-entropies, summed over the questions,
+    and their number (Devlin et al. 2019, section 4.2; :func:`span_loss` is its mean). logits
+    (B, S, 2) start and end scores, spans (B, 2) the gold start and end positions."""
+    start, n = token_nll(logits[..., 0], spans[:, 0])
+    end, _ = token_nll(logits[..., 1], spans[:, 1])
+    return (start + end) / 2, n
+
+
+TASK_LOSSES = {"classify": token_nll, "tokens": token_nll, "qa": span_nll}
+"""Fine-tuning task -> loss(logits, target) -> (sum, count): one label per sequence (B, K)
+and (B,), one per token (B, S, K) and (B, S) with IGNORE where unscored, or spans."""
+
+
+def mlm_nsp_loss(mlm_logits: Tensor, mlm_labels: Tensor, nsp_logits: Tensor | None = None,
+                 nsp_labels: Tensor | None = None) -> tuple[Tensor, int]:
+    """BERT's pre-training objective (Devlin et al. 2019, section 3.1) as (sum, n): the summed
+    MLM cross-entropy over the n selected tokens plus n times the mean NSP cross-entropy, so
+    that sum / n = mean MLM loss + mean NSP loss. mlm_logits (N, V) at the selected
+    positions with their N labels; nsp_logits (B, 2), nsp_labels (B,) or None."""
+    total, n = token_nll(mlm_logits, mlm_labels)
+    if nsp_logits is not None and nsp_labels is not None:
+        total = total + n * F.cross_entropy(nsp_logits.float(), nsp_labels)
+    return total, n

@@ -194,3 +194,18 @@ def best_spans(start: Tensor, end: Tensor, allowed: Tensor, max_answer_len: int
     scores = scores.masked_fill(~ok, float("-inf"))
     best, flat = scores.reshape(start.size(0), -1).max(dim=1)
     return flat // s, flat % s, best
+
+
+def task_head(task: str, encoder: nn.Module, n_labels: int,
+              pooling: Literal["pooler", "cls", "mean"] = "pooler") -> nn.Module:
+    """The head of a fine-tuning task ("classify", "tokens", "qa") around ``encoder``;
+    pooling 'pooler' falls back to 'cls' for an encoder without a pooler (DistilBERT)."""
+    if task == "classify":
+        if getattr(encoder, "pooler", None) is None and pooling == "pooler":
+            pooling = "cls"
+        return SequenceClassifier(encoder, n_labels, pooling)
+    if task == "tokens":
+        return TokenClassifier(encoder, n_labels)
+    if task == "qa":
+        return SpanExtractor(encoder)
+    raise unknown("task", task, ("classify", "tokens", "qa"))

@@ -9,14 +9,17 @@ metrics.jsonl, results.json.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from attnkit.config import from_dict, to_dict
+from attnkit.data.algorithmic import TensorBatch, fixed_batches
 from attnkit.errors import ConfigError, UserError
+from attnkit.evaluation import eval_loop
 from attnkit.recipes import run
 from attnkit.recipes.run import read_run, record_model
 from attnkit.train import distributed as dist
@@ -67,6 +70,50 @@ def load_trained(run_dir: str | Path, family: str, cls: type, build: Build,
     model = build(from_dict(cls, spec["config"]))
     load_run_weights(run_dir, model, which)
     return model.eval()
+
+
+Example = Callable[[torch.Generator, int, int], TensorBatch]  # (generator, batch, length)
+Measure = Callable[[nn.Module, TensorBatch], dict[str, float]]  # model, batch -> figures
+
+
+def draw(example: Example, d: Any, batch: int, length: int | None = None
+         ) -> Callable[[torch.Generator], TensorBatch]:
+    """``batch`` examples of one length: ``length``, or drawn uniformly from
+    ``d.min_len..d.max_len`` (every training batch holds one length)."""
+    def make(gen: torch.Generator) -> TensorBatch:
+        n = length or int(torch.randint(d.min_len, d.max_len + 1, (1,), generator=gen))
+        return example(gen, batch, n)
+    return make
+
+
+def eval_set(example: Example, d: Any, length: int) -> TensorBatch:
+    """``d.eval_size`` examples of ``length`` (fixed by ``d.seed`` and the length)."""
+    return fixed_batches(draw(example, d, d.eval_size, length),
+                         d.seed + 1_000_003 * length + 1, 1)[0]
+
+
+def eval_sets(example: Example, d: Any, lengths: Iterable[int]) -> dict[int, TensorBatch]:
+    """The evaluation set of each length."""
+    return {n: eval_set(example, d, n) for n in lengths}
+
+
+@torch.no_grad()
+def measure_sets(model: nn.Module, measure: Measure, sets: dict[int, TensorBatch]
+                 ) -> dict[int, dict[str, float]]:
+    """``measure`` on each length's set (a progress bar on a terminal when it is slow)."""
+    return {n: measure(model, sets[n]) for n in eval_loop(list(sets), desc="lengths")}
+
+
+def make_evaluate(measure: Measure, example: Example, d: Any, names: dict[str, str]
+                  ) -> Callable[[nn.Module], dict[str, float]]:
+    """Evaluation during training: the mean figures over the training lengths, reported as
+    ``{name: figure}`` for each item of ``names``."""
+    sets = eval_sets(example, d, range(d.min_len, d.max_len + 1))
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        seen = mean_of(list(measure_sets(dist.unwrap(model), measure, sets).values()))
+        return {name: seen[key] for name, key in names.items()}
+    return evaluate
 
 
 def mean_of(groups: list[dict[str, float]]) -> dict[str, float]:

@@ -10,20 +10,24 @@ longest training length (the paper's generalisation test, fig. 4).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, copy_examples, fixed_batches
+from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, copy_examples
 from attnkit.errors import ConfigError
 from attnkit.models.ntm import NTM, NTMConfig, bit_errors, copy_loss
 from attnkit.recipes.algorithmic import (
+    Example,
     arch_defaults,
+    draw,
+    eval_sets,
     load_trained,
+    make_evaluate,
     mean_of,
+    measure_sets,
     model_config,
     setup_run,
     write_report,
@@ -34,6 +38,7 @@ from attnkit.train.optim import OptimConfig
 
 METRICS = ("val_loss", "seen_bit_errors", "seen_exact")
 FIXED = ("input_size", "output_size")  # model settings that follow from the data
+NAMES = {"val_loss": "loss", "seen_bit_errors": "bit_errors", "seen_exact": "exact"}
 
 
 @dataclass(frozen=True)
@@ -78,17 +83,8 @@ def ntm_config(cfg: NTMCopyConfig) -> NTMConfig:
     return model_config(NTMConfig, cfg.arch, fixed)
 
 
-def _make(d: CopyBitsData, batch: int, length: int | None = None
-          ) -> Callable[[torch.Generator], TensorBatch]:
-    def make(gen: torch.Generator) -> TensorBatch:
-        n = length or int(torch.randint(d.min_len, d.max_len + 1, (1,), generator=gen))
-        return copy_examples(gen, batch, n, d.width)
-    return make
-
-
-def eval_set(d: CopyBitsData, length: int) -> TensorBatch:
-    """``d.eval_size`` sequences of ``length`` vectors (fixed by ``d.seed`` and the length)."""
-    return fixed_batches(_make(d, d.eval_size, length), d.seed + 1_000_003 * length + 1, 1)[0]
+def _example(d: CopyBitsData) -> Example:
+    return lambda gen, batch, n: copy_examples(gen, batch, n, d.width)
 
 
 def loss_fn(model: nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, int]:
@@ -104,20 +100,12 @@ def measure(model: NTM, batch: TensorBatch) -> dict[str, float]:
             "loss": loss.item() / n}
 
 
-def make_evaluate(d: CopyBitsData) -> Callable[[nn.Module], dict[str, float]]:
-    sets = [eval_set(d, n) for n in range(d.min_len, d.max_len + 1)]
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        seen = mean_of([measure(dist.unwrap(model), b) for b in sets])
-        return {"val_loss": seen["loss"], "seen_bit_errors": seen["bit_errors"],
-                "seen_exact": seen["exact"]}
-    return evaluate
-
-
 def main(cfg: NTMCopyConfig, recipe: str = "ntm-copy") -> dict:
     run_dir, model = setup_run(recipe, cfg, "ntm", ntm_config(cfg), NTM)
-    batches = GeneratedBatches(_make(cfg.data, cfg.batch_size), seed=cfg.data.seed)
-    fit(model, loss_fn, batches, cfg.train, run_dir, evaluate=make_evaluate(cfg.data))
+    batches = GeneratedBatches(draw(_example(cfg.data), cfg.data, cfg.batch_size),
+                               seed=cfg.data.seed)
+    fit(model, loss_fn, batches, cfg.train, run_dir,
+        evaluate=make_evaluate(measure, _example(cfg.data), cfg.data, NAMES))
     return evaluate(run_dir, cfg) if dist.is_main() else {}
 
 
@@ -126,8 +114,7 @@ def evaluate(run_dir: Path, cfg: NTMCopyConfig) -> dict:
     model = load_trained(run_dir, "ntm", NTMConfig, NTM)
     d = cfg.data
     seen = range(d.min_len, d.max_len + 1)
-    with torch.no_grad():
-        by_length = {n: measure(model, eval_set(d, n)) for n in (*seen, *d.longer)}
+    by_length = measure_sets(model, measure, eval_sets(_example(d), d, (*seen, *d.longer)))
     results = {"seen_lengths": mean_of([by_length[n] for n in seen])}
     results.update({f"length_{n}": by_length[n] for n in d.longer})
     results["by_length"] = {str(n): v for n, v in by_length.items()}

@@ -11,7 +11,6 @@ unconstrained greedy decoding (``*_free``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches, sort_examples
+from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, sort_examples
 from attnkit.errors import ConfigError
 from attnkit.models.pointer import (
     PointerConfig,
@@ -28,9 +27,14 @@ from attnkit.models.pointer import (
     sort_accuracy,
 )
 from attnkit.recipes.algorithmic import (
+    Example,
     arch_defaults,
+    draw,
+    eval_sets,
     load_trained,
+    make_evaluate,
     mean_of,
+    measure_sets,
     model_config,
     setup_run,
     write_report,
@@ -41,6 +45,7 @@ from attnkit.train.optim import OptimConfig
 
 METRICS = ("val_loss", "seen_exact", "seen_per_position")
 FIXED = ("input_kind", "n_values")  # model settings that follow from the data
+NAMES = {"val_loss": "loss", "seen_exact": "exact", "seen_per_position": "per_position"}
 
 
 @dataclass(frozen=True)
@@ -89,17 +94,8 @@ def pointer_config(cfg: PointerSortConfig) -> PointerConfig:
     return model_config(PointerConfig, cfg.arch, fixed)
 
 
-def _make(d: SortData, batch: int, length: int | None = None
-          ) -> Callable[[torch.Generator], TensorBatch]:
-    def make(gen: torch.Generator) -> TensorBatch:
-        n = length or int(torch.randint(d.min_len, d.max_len + 1, (1,), generator=gen))
-        return sort_examples(gen, batch, n, d.kind, d.max_value)
-    return make
-
-
-def eval_set(d: SortData, length: int) -> TensorBatch:
-    """``d.eval_size`` lists of ``length`` numbers (fixed by ``d.seed`` and the length)."""
-    return fixed_batches(_make(d, d.eval_size, length), d.seed + 1_000_003 * length + 1, 1)[0]
+def _example(d: SortData) -> Example:
+    return lambda gen, batch, n: sort_examples(gen, batch, n, d.kind, d.max_value)
 
 
 def loss_fn(model: nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, int]:
@@ -114,20 +110,12 @@ def measure(model: PointerNet, batch: TensorBatch) -> dict[str, float]:
     return {**masked, **{f"{k}_free": v for k, v in free.items()}, "loss": loss.item() / n}
 
 
-def make_evaluate(d: SortData) -> Callable[[nn.Module], dict[str, float]]:
-    sets = [eval_set(d, n) for n in range(d.min_len, d.max_len + 1)]
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        seen = mean_of([measure(dist.unwrap(model), b) for b in sets])
-        return {"val_loss": seen["loss"], "seen_exact": seen["exact"],
-                "seen_per_position": seen["per_position"]}
-    return evaluate
-
-
 def main(cfg: PointerSortConfig, recipe: str = "pointer-sort") -> dict:
     run_dir, model = setup_run(recipe, cfg, "pointer", pointer_config(cfg), PointerNet)
-    batches = GeneratedBatches(_make(cfg.data, cfg.batch_size), seed=cfg.data.seed)
-    fit(model, loss_fn, batches, cfg.train, run_dir, evaluate=make_evaluate(cfg.data))
+    batches = GeneratedBatches(draw(_example(cfg.data), cfg.data, cfg.batch_size),
+                               seed=cfg.data.seed)
+    fit(model, loss_fn, batches, cfg.train, run_dir,
+        evaluate=make_evaluate(measure, _example(cfg.data), cfg.data, NAMES))
     return evaluate(run_dir, cfg) if dist.is_main() else {}
 
 
@@ -135,8 +123,8 @@ def evaluate(run_dir: Path, cfg: PointerSortConfig) -> dict:
     """Accuracy per length, then over the training lengths and over the longer ones."""
     model = load_trained(run_dir, "pointer", PointerConfig, PointerNet)
     d = cfg.data
-    with torch.no_grad():
-        by_length = {n: measure(model, eval_set(d, n)) for n in range(d.min_len, d.longest + 1)}
+    by_length = measure_sets(model, measure,
+                             eval_sets(_example(d), d, range(d.min_len, d.longest + 1)))
     longer = [by_length[n] for n in by_length if n > d.max_len]
     results = {"seen_lengths": mean_of([by_length[n] for n in by_length if n <= d.max_len])}
     if longer:
