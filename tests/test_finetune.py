@@ -12,10 +12,16 @@ import torch
 import transformers
 
 from attnkit.convert import bert as cb
-from attnkit.errors import UserError
-from attnkit.models.heads import SequenceClassifier, SpanExtractor, TokenClassifier, best_spans
 from attnkit.data.records import FinetuneData, encode_qa, read_records
+from attnkit.errors import UserError
 from attnkit.evaluation import accuracy, macro_f1, normalize_answer, span_f1, squad_scores
+from attnkit.models.heads import (
+    SequenceClassifier,
+    SpanExtractor,
+    TokenClassifier,
+    best_spans,
+    task_head,
+)
 from attnkit.recipes.finetune import FinetuneConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "finetune"
@@ -160,6 +166,20 @@ def test_best_spans_matches_brute_force():
                     if allowed[r, i] and allowed[r, j] and i <= j < i + max_len))
         assert (int(got_s[r]), int(got_e[r])) == best[1:]
         assert abs(float(got[r]) - best[0]) < 1e-6
+
+
+def test_task_head_picks_the_head_and_falls_back_to_cls_without_a_pooler():
+    _, with_pooler, _ = _hf_and_ours("BertForSequenceClassification", SequenceClassifier,
+                                     n_labels=5)
+    _, no_pooler, _ = _hf_and_ours("BertForTokenClassification", TokenClassifier, n_labels=5)
+    assert task_head("classify", with_pooler.bert, 3).pooling == "pooler"
+    assert task_head("classify", no_pooler.bert, 3).pooling == "cls"
+    assert task_head("classify", no_pooler.bert, 3, "mean").pooling == "mean"
+    assert type(task_head("tokens", no_pooler.bert, 3)) is TokenClassifier
+    assert type(task_head("qa", no_pooler.bert, 1)) is SpanExtractor
+    assert task_head("tokens", no_pooler.bert, 3).classifier.out_features == 3
+    with pytest.raises(UserError, match="task"):
+        task_head("translate", no_pooler.bert, 3)
 
 
 def test_classification_metrics_by_hand():

@@ -1,5 +1,6 @@
 """Quality metrics: exact match, BLEU (sacrebleu), classification and SQuAD scores, the one
-perplexity / bits-per-character formula, and the loop every evaluation walks its batches with.
+perplexity / bits-per-character formula, held-out masked-LM scores, and the loop every
+evaluation walks its batches with.
 
 Notation: an evaluation sums the negative log-likelihood ``nll`` (nats) of ``tokens`` scored
 targets; the held-out text stands for ``chars`` characters. Then
@@ -21,7 +22,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sacrebleu
+import torch
+from torch import nn
 
+from attnkit.losses import IGNORE, token_nll
 from attnkit.progress import progress_bar
 
 B = TypeVar("B")
@@ -138,6 +142,33 @@ class NLLScore:
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}loss": self.loss, f"{prefix}ppl": self.ppl, f"{prefix}bpc": self.bpc,
                 f"{prefix}tokens": self.tokens, f"{prefix}chars": self.chars}
+
+
+@torch.no_grad()
+def mlm_scores(model: nn.Module, batches: Sequence[Any]) -> dict[str, float]:
+    """Held-out masked-LM loss (nats per masked token), perplexity and accuracy over the masked
+    tokens, and next-sentence accuracy when the model and batches have NSP. ``batches`` are
+    :class:`attnkit.data.mlm.MLMBatch`; ``model(ids,
+    attention_mask=, token_type_ids=, mlm_mask=)`` gives ``.mlm_logits`` at the masked
+    positions and ``.nsp_logits`` (BERT's pre-training heads)."""
+    device = next(model.parameters()).device
+    nll, right, n, nsp_right, nsp_n = 0.0, 0, 0, 0, 0
+    for batch in eval_loop(batches, device):
+        selected = batch.labels != IGNORE
+        out = model(batch.ids, attention_mask=batch.attention_mask,
+                    token_type_ids=batch.token_types, mlm_mask=selected)
+        labels = batch.labels[selected]
+        loss, count = token_nll(out.mlm_logits, labels)
+        nll, n = nll + float(loss.double()), n + count
+        right += int((out.mlm_logits.argmax(-1) == labels).sum())
+        if out.nsp_logits is not None and batch.nsp is not None:
+            nsp_right += int((out.nsp_logits.argmax(-1) == batch.nsp).sum())
+            nsp_n += len(batch.nsp)
+    scores = {"val_mlm_loss": nll / max(1, n), "val_mlm_ppl": perplexity(nll, n),
+              "val_mlm_acc": right / max(1, n), "val_masked": float(n)}
+    if nsp_n:
+        scores["val_nsp_acc"] = nsp_right / nsp_n
+    return scores
 
 
 # ---- the loop ----------------------------------------------------------------------------------

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tokenizers
 from tokenizers import (
@@ -45,7 +47,7 @@ from tokenizers import (
 )
 
 from attnkit.config import unknown
-from attnkit.errors import UserError
+from attnkit.errors import ConfigError, UserError
 
 KINDS = ("char", "wordpiece", "bpe", "bytelevel")
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]")
@@ -347,3 +349,73 @@ def load_pretrained_tokenizer(path: str | Path) -> Tokenizer | None:
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         return _bytelevel_from_files(path / "vocab.json", path / "merges.txt", conf)
     return None
+
+
+# ---- the tokenizer of a run ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """A run's tokenizer: trained (``kind``, ``vocab_size``) or read from ``path``."""
+
+    kind: Literal["char", "wordpiece", "bpe", "bytelevel"] = "char"
+    vocab_size: int = 8000        # ignored for char
+    path: str = ""                # a tokenizer.json or checkpoint directory instead of training
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"tokenizer.kind must be one of {', '.join(KINDS)}")
+
+
+SPECIAL_NEEDS: dict[str, tuple[Callable[[Tokenizer], bool], str]] = {
+    "standard": (lambda t: t.standard_ids,
+                 "attnkit's special tokens [PAD] [BOS] [EOS] [UNK] at ids 0-3"),
+    "eos": (lambda t: t.eos_id is not None,
+            "end-of-text token ([EOS], </s>, [SEP] or <|endoftext|>)"),
+    "bos": (lambda t: t.bos_id is not None, "start token ([BOS], <s> or [CLS])"),
+    "pad": (lambda t: t.pad_id is not None, "padding token ([PAD] or <pad>)"),
+    "mask": (lambda t: t.mask_id is not None, "mask token ([MASK] or <mask>)"),
+}
+"""What a recipe may need of its tokenizer -> (test, what is missing)."""
+
+
+def check_specials(tok: Tokenizer, needs: Iterable[str], where: str) -> Tokenizer:
+    """``tok`` when it has every special token of ``needs`` (keys of :data:`SPECIAL_NEEDS`),
+    else a UserError naming what ``where`` lacks."""
+    missing = [SPECIAL_NEEDS[n][1] for n in needs if not SPECIAL_NEEDS[n][0](tok)]
+    if missing:
+        raise UserError(f"tokenizer {where} has no {'; no '.join(missing)}")
+    return tok
+
+
+def load_tokenizer_path(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` file, or the tokenizer of a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return Tokenizer.load(path)
+    tok = load_pretrained_tokenizer(path)
+    if tok is None:
+        raise UserError(f"{path} has no tokenizer (tokenizer.json, vocab.txt, or vocab.json and "
+                        "merges.txt)")
+    return tok
+
+
+def resolve_tokenizer(cfg: TokenizerConfig, texts: Callable[[], Iterable[str]],
+                      run_dir: str | Path | None = None, needs: Iterable[str] = ()
+                      ) -> Tokenizer:
+    """The tokenizer of a run, decided in one place:
+
+    1. ``run_dir/tokenizer.json`` when the run has one (a resumed run keeps its own);
+    2. else ``cfg.path`` (a tokenizer.json or a checkpoint directory's tokenizer);
+    3. else a new ``cfg.kind`` tokenizer of ``cfg.vocab_size`` trained on ``texts()``;
+
+    then checked for the special tokens the recipe ``needs`` (:func:`check_specials`). Saving
+    it into the run directory is the caller's business (rank 0 only).
+    """
+    own = Path(run_dir) / "tokenizer.json" if run_dir else None
+    if own is not None and own.is_file():
+        tok, where = Tokenizer.load(own), str(own)
+    elif cfg.path:
+        tok, where = load_tokenizer_path(cfg.path), cfg.path
+    else:
+        tok = Tokenizer.train(cfg.kind, texts(), vocab_size=cfg.vocab_size)
+        where = f"trained ({cfg.kind})"
+    return check_specials(tok, needs, where)

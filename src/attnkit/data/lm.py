@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from attnkit.data.stream import BatchStream
 from attnkit.data.text import read_text
-from attnkit.errors import UserError
+from attnkit.errors import ConfigError, UserError
 from attnkit.evaluation import NLLScore, eval_loop
 from attnkit.losses import IGNORE, token_nll
 
@@ -58,6 +58,24 @@ def _render(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"({k}) {_render(v)}" for k, v in value.items())
     return str(value)
+
+
+@dataclass(frozen=True)
+class LMData:
+    train: str = ""          # a text file, a .jsonl file or a folder of documents
+    valid: str = ""          # held-out text (same forms); "" = the last val_fraction of train
+    val_fraction: float = 0.1
+    pattern: str = "*.txt"   # the files of a folder that are documents (e.g. "*.jsonl")
+    template: str = ""       # JSONL records -> text, e.g. "Question: {question}\nAnswer: {answer}"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.template:
+            try:
+                check_template(self.template)
+            except UserError as err:
+                raise ConfigError(f"data.template: {err}") from None
 
 
 def read_jsonl(path: str | Path, template: str) -> list[str]:

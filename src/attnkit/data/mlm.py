@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attnkit.data.lm import LMData
 from attnkit.data.stream import EpochBatches
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import IGNORE
@@ -38,6 +39,26 @@ from attnkit.losses import IGNORE
 # special tokens of attnkit's, BERT's and RoBERTa's vocabularies: never selected for masking
 SPECIAL_STRINGS = frozenset({"[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]", "[CLS]", "[SEP]",
                              "<s>", "</s>", "<pad>", "<unk>", "<mask>", "<|endoftext|>"})
+
+
+@dataclass(frozen=True)
+class PretrainData(LMData):
+    doc_lines: int = 50  # a text without blank lines is cut into documents of this many lines
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.doc_lines < 0:
+            raise ConfigError(f"data.doc_lines must be >= 0, got {self.doc_lines}")
+
+
+@dataclass(frozen=True)
+class MLMEvalConfig:
+    batch_size: int = 32
+    max_sequences: int = 256  # held-out sequences scored (0 = all)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_sequences < 0:
+            raise ConfigError("eval.batch_size must be >= 1 and eval.max_sequences >= 0")
 
 
 @dataclass(frozen=True)
@@ -387,3 +408,35 @@ def eval_batches(examples: Sequence[Example], batch_size: int, masker: Masker, p
         idx = list(range(start, min(start + batch_size, len(examples))))
         out.append(mask_examples([examples[i] for i in idx], masker, pad_id, (seed, 3), idx))
     return out
+
+
+# ---- pre-training sequences of raw text -------------------------------------------------------
+
+def sentence_docs(texts: list[str], doc_lines: int) -> list[list[str]]:
+    """Documents of sentences from raw texts (see :func:`split_sentences`)."""
+    docs = [d for t in texts for d in split_sentences(t, 0)]
+    if len(docs) < 2 and doc_lines:
+        docs = split_sentences("\n".join(s for d in docs for s in d), doc_lines)
+    return docs
+
+
+def make_examples(tok: Any, texts: list[str], *, max_len: int, nsp: bool, doc_lines: int,
+                  seed: int, short_seq_prob: float = 0.1) -> list[Example]:
+    """Training or held-out sequences: NSP pairs (BERT with nsp) or packed full sentences."""
+    docs = encode_sentences(tok, sentence_docs(texts, doc_lines))
+    if tok.bos_id is None or tok.eos_id is None:
+        raise UserError("pre-training needs [CLS]/[SEP] (BOS/EOS) tokens in the tokenizer")
+    if nsp:
+        rng = np.random.default_rng(seed)
+        return nsp_pairs(docs, max_len, tok.bos_id, tok.eos_id, rng, short_seq_prob)
+    return pack_full_sentences(docs, max_len, tok.bos_id, tok.eos_id)
+
+
+def held_out(examples: list[Example], eval_cfg: MLMEvalConfig, masker: Masker, pad_id: int
+             ) -> list[MLMBatch]:
+    """Held-out batches (the first ``max_sequences``), masked once with fixed seeds."""
+    if eval_cfg.max_sequences:
+        examples = examples[: eval_cfg.max_sequences]
+    if not examples:
+        raise UserError("the held-out text gives no sequences (raise data.val_fraction)")
+    return eval_batches(examples, eval_cfg.batch_size, masker, pad_id)  # static masks

@@ -11,10 +11,10 @@ from attnkit.recipes.seq2seq import (
     DecodeConfig,
     Seq2SeqConfig,
     Task,
-    TokenizerConfig,
     final_report,
     train_and_report,
 )
+from attnkit.tokenizers import TokenizerConfig
 from attnkit.train.loop import TrainConfig
 from attnkit.train.optim import OptimConfig
 

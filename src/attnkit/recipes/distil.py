@@ -34,22 +34,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.config import to_dict
-from attnkit.data.mlm import MaskConfig, Masker, MLMBatch, MLMBatches
+from attnkit.data.mlm import (
+    MaskConfig,
+    Masker,
+    MLMBatch,
+    MLMBatches,
+    MLMEvalConfig,
+    PretrainData,
+    held_out,
+    make_examples,
+)
 from attnkit.errors import ConfigError, UserError
+from attnkit.evaluation import eval_loop, mlm_scores
 from attnkit.losses import IGNORE, distillation_loss
 from attnkit.models.bert import BertConfig, encoder_of
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
 from attnkit.recipes import finetune
 from attnkit.recipes.lm import load_corpus, with_data_default
-from attnkit.recipes.pretrain import (
-    MLMEvalConfig,
-    PretrainData,
-    held_out,
-    load_bert,
-    load_run_model,
-    make_examples,
-    mlm_scores,
-)
+from attnkit.recipes.pretrain import load_bert, load_run_model
 from attnkit.recipes.run import record_model, setup_run
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
@@ -175,7 +177,7 @@ def make_loss(teacher: nn.Module, cfg: DistilConfig):
 def hidden_cosine(a: nn.Module, b: nn.Module, batches: list[MLMBatch]) -> float:
     """Mean cosine between two encoders' last hidden states over real tokens."""
     total, n = 0.0, 0
-    for batch in batches:
+    for batch in eval_loop(batches, desc="cosine"):
         ha = encoder_of(a)(batch.ids, attention_mask=batch.attention_mask).last_hidden
         hb = encoder_of(b)(batch.ids, attention_mask=batch.attention_mask).last_hidden
         real = batch.attention_mask.bool()

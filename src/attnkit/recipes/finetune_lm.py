@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from attnkit.config import to_dict
+from attnkit.data.lm import LMData
 from attnkit.errors import UserError
 from attnkit.models import LM_MODELS, build_lm
 from attnkit.recipes.lm import (
-    LMData,
     LMEvalConfig,
     LMRunConfig,
     SampleConfig,
@@ -32,7 +32,7 @@ from attnkit.recipes.lm import (
     training_windows,
 )
 from attnkit.recipes.run import record_model, setup_run
-from attnkit.tokenizers import Tokenizer
+from attnkit.tokenizers import Tokenizer, check_specials
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig
 from attnkit.train.optim import OptimConfig
@@ -62,8 +62,7 @@ def _pretrained(cfg: FinetuneLMConfig) -> Pretrained:
     if pre.tokenizer is None:
         raise UserError(f"{cfg.init} has no tokenizer (tokenizer.json, or vocab.json and "
                         "merges.txt)")
-    if pre.tokenizer.eos_id is None:
-        raise UserError(f"the tokenizer of {cfg.init} has no end-of-text token")
+    check_specials(pre.tokenizer, ("eos",), f"of {cfg.init}")
     vocab = getattr(pre.config, "vocab_size", pre.tokenizer.vocab_size)
     if pre.tokenizer.vocab_size > vocab:
         raise UserError(f"the tokenizer of {cfg.init} has {pre.tokenizer.vocab_size} tokens but "
@@ -105,11 +104,6 @@ def main(cfg: FinetuneLMConfig, recipe: str = "finetune-lm") -> dict:
     run_dir, tok, model = setup_run(recipe, cfg, create)
     train_lm(run_dir, cfg, tok, model, windows, val_docs)
     return final_report(run_dir, cfg) if dist.is_main() else {}
-
-
-def evaluate(run_dir: Path, cfg: FinetuneLMConfig) -> dict:
-    """`attnkit eval RUN`: held-out scores and new items from the best checkpoint."""
-    return final_report(run_dir, cfg)
 
 
 def defaults() -> FinetuneLMConfig:

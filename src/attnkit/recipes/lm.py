@@ -1,4 +1,4 @@
-"""Language-model training: the "lm" recipe and what "finetune-lm" shares with it.
+"""What the language-model recipes ("lm", "finetune-lm", "xl-lm") share: data, samples, report.
 
 A run reads documents (a text file, JSONL through a template, or a folder), holds out the last
 part, trains a decoder-only model on random windows of the token stream with :func:`fit`,
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.data.lm import (
+    LMData,
     LMWindows,
-    check_template,
     encode_documents,
     eval_windows,
     logits_of,
@@ -30,14 +30,12 @@ from attnkit.data.lm import (
     read_documents,
     score,
     split_documents,
-    text_chunks,
     truncate_documents,
 )
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import token_nll
-from attnkit.models import LM_MODELS, build_lm, check_lm
-from attnkit.recipes.run import read_run, record_model, setup_run
-from attnkit.recipes.seq2seq import TokenizerConfig
+from attnkit.models import LM_MODELS, build_lm
+from attnkit.recipes.run import read_run
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
@@ -45,28 +43,9 @@ from attnkit.train.checkpoint import (
     write_json_atomic,
 )
 from attnkit.train.loop import TrainConfig, fit
-from attnkit.train.optim import OptimConfig
 
 SHAKESPEARE = Path("data/text/tinyshakespeare.txt")  # inside the shared data folder
 METRICS = ("val_loss", "val_ppl", "val_bpc")
-
-
-@dataclass(frozen=True)
-class LMData:
-    train: str = ""          # a text file, a .jsonl file or a folder of documents
-    valid: str = ""          # held-out text (same forms); "" = the last val_fraction of train
-    val_fraction: float = 0.1
-    pattern: str = "*.txt"   # the files of a folder that are documents (e.g. "*.jsonl")
-    template: str = ""       # JSONL records -> text, e.g. "Question: {question}\nAnswer: {answer}"
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.template:
-            try:
-                check_template(self.template)
-            except UserError as err:
-                raise ConfigError(f"data.template: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -116,26 +95,6 @@ class LMRunConfig:
         if self.block_size < 1 or self.batch_size < 1:
             raise ConfigError("block_size and batch_size must be >= 1")
         self.train.check_best_metric(METRICS)
-
-
-@dataclass(frozen=True)
-class LMConfig(LMRunConfig):
-    model: str = "gpt2"      # language-model family (attnkit.models.LM_MODELS)
-    preset: str = "tiny"
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        model_cfg = check_lm(self.model, self.preset, self.model_arch)
-        context = getattr(model_cfg, "n_positions", self.block_size)
-        if context < self.block_size:
-            raise ConfigError(f"block_size {self.block_size} exceeds the model's context "
-                              f"arch.n_positions={context}")
-
-    @property
-    def model_arch(self) -> dict:
-        """``arch`` with the context defaulting to block_size."""
-        return {"n_positions": self.block_size, **self.arch}
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -349,56 +308,3 @@ def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest
                   f"{r['chars']:,} characters)")
     print(f"run directory: {run_dir}")
     return results
-
-
-# ---- the "lm" recipe ---------------------------------------------------------------------------
-def lm_tokenizer(cfg: LMConfig, train_docs: list[str]) -> Tokenizer:
-    """The run's tokenizer: an existing run's, ``tokenizer.path``'s, or trained on the text."""
-    if cfg.run_dir and (Path(cfg.run_dir) / "tokenizer.json").is_file():
-        return Tokenizer.load(Path(cfg.run_dir) / "tokenizer.json")
-    if cfg.tokenizer.path:
-        tok = Tokenizer.load(cfg.tokenizer.path)
-        if tok.eos_id is None:
-            raise UserError(f"tokenizer {cfg.tokenizer.path} has no end-of-text token "
-                            "([EOS], </s> or <|endoftext|>)")
-        return tok
-    return Tokenizer.train(cfg.tokenizer.kind, text_chunks(train_docs),
-                           vocab_size=cfg.tokenizer.vocab_size)
-
-
-def main(cfg: LMConfig, recipe: str = "lm") -> dict:
-    """Train a language model from scratch on ``cfg.data``, then report."""
-    cfg = with_data_default(cfg)
-    train_docs, val_docs = load_corpus(cfg.data)
-    tok = lm_tokenizer(cfg, train_docs)
-    windows = training_windows(cfg, tok, train_docs)
-
-    def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
-            tok.save(run_dir / "tokenizer.json")
-        model, resolved = build_lm(cfg.model, cfg.preset, cfg.model_arch, tok.vocab_size)
-        if dist.is_main():
-            record_model(run_dir, cfg.model, resolved)
-        return tok, model
-
-    run_dir, tok, model = setup_run(recipe, cfg, create)
-    train_lm(run_dir, cfg, tok, model, windows, val_docs)
-    return final_report(run_dir, cfg) if dist.is_main() else {}
-
-
-def evaluate(run_dir: Path, cfg: LMRunConfig) -> dict:
-    """`attnkit eval RUN`: the final report again."""
-    return final_report(run_dir, cfg)
-
-
-def defaults() -> LMConfig:
-    """nanoGPT's shakespeare_char settings for a CPU: 4 x 128, 4 heads, context 64, batch 12."""
-    return LMConfig(
-        preset="tiny", arch={"n_layers": 4, "dropout": 0.0, "attention_dropout": 0.0},
-        tokenizer=TokenizerConfig(kind="char"), block_size=64, batch_size=12,
-        train=TrainConfig(steps=2000, eval_every=250, save_every=250, log_every=50,
-                          best_metric="val_loss",
-                          optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
-                                            weight_decay=0.1, schedule="cosine",
-                                            warmup_steps=100, min_lr_ratio=0.1)),
-        sample=SampleConfig(prompt="\n", n=1, max_new_tokens=200))

@@ -18,18 +18,16 @@ accuracy), at every evaluation and in ``results.json``. :func:`load_bert` reads 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attnkit.config import from_dict, to_dict
+from attnkit.data.lm import text_chunks
 from attnkit.data.mlm import (
     IGNORE,
     Example,
@@ -37,20 +35,19 @@ from attnkit.data.mlm import (
     Masker,
     MLMBatch,
     MLMBatches,
-    encode_sentences,
-    eval_batches,
-    nsp_pairs,
-    pack_full_sentences,
-    split_sentences,
+    MLMEvalConfig,
+    PretrainData,
+    held_out,
+    make_examples,
 )
 from attnkit.errors import ConfigError, UserError
-from attnkit.losses import token_nll
+from attnkit.evaluation import mlm_scores
+from attnkit.losses import mlm_nsp_loss
 from attnkit.models.bert import BertConfig, bert_config, build_bert
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
-from attnkit.recipes.lm import LMData, load_corpus, with_data_default
+from attnkit.recipes.lm import load_corpus, with_data_default
 from attnkit.recipes.run import read_run, record_model, setup_run
-from attnkit.recipes.seq2seq import TokenizerConfig
-from attnkit.tokenizers import Tokenizer
+from attnkit.tokenizers import Tokenizer, TokenizerConfig, resolve_tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
     load_run_weights,
@@ -60,26 +57,6 @@ from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
 
 METRICS = ("val_mlm_loss", "val_mlm_ppl", "val_mlm_acc", "val_nsp_acc")
-
-
-@dataclass(frozen=True)
-class PretrainData(LMData):
-    doc_lines: int = 50  # a text without blank lines is cut into documents of this many lines
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.doc_lines < 0:
-            raise ConfigError(f"data.doc_lines must be >= 0, got {self.doc_lines}")
-
-
-@dataclass(frozen=True)
-class MLMEvalConfig:
-    batch_size: int = 32
-    max_sequences: int = 256  # held-out sequences scored (0 = all)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_sequences < 0:
-            raise ConfigError("eval.batch_size must be >= 1 and eval.max_sequences >= 0")
 
 
 @dataclass(frozen=True)
@@ -130,26 +107,6 @@ def model_config(cfg: PretrainConfig, vocab_size: int, pad_id: int) -> BertConfi
 
 
 # ---- data --------------------------------------------------------------------------------------
-def sentence_docs(texts: list[str], doc_lines: int) -> list[list[str]]:
-    """Documents of sentences from raw texts (see :func:`attnkit.data.mlm.split_sentences`)."""
-    docs = [d for t in texts for d in split_sentences(t, 0)]
-    if len(docs) < 2 and doc_lines:
-        docs = split_sentences("\n".join(s for d in docs for s in d), doc_lines)
-    return docs
-
-
-def make_examples(tok: Tokenizer, texts: list[str], *, max_len: int, nsp: bool, doc_lines: int,
-                  seed: int, short_seq_prob: float = 0.1) -> list[Example]:
-    """Training or held-out sequences: NSP pairs (BERT with nsp) or packed full sentences."""
-    docs = encode_sentences(tok, sentence_docs(texts, doc_lines))
-    if tok.bos_id is None or tok.eos_id is None:
-        raise UserError("pre-training needs [CLS]/[SEP] (BOS/EOS) tokens in the tokenizer")
-    if nsp:
-        rng = np.random.default_rng(seed)
-        return nsp_pairs(docs, max_len, tok.bos_id, tok.eos_id, rng, short_seq_prob)
-    return pack_full_sentences(docs, max_len, tok.bos_id, tok.eos_id)
-
-
 def examples_of(cfg: PretrainConfig, tok: Tokenizer, texts: list[str], seed: int
                 ) -> list[Example]:
     """:func:`make_examples` with the recipe's settings."""
@@ -158,67 +115,14 @@ def examples_of(cfg: PretrainConfig, tok: Tokenizer, texts: list[str], seed: int
                          short_seq_prob=cfg.short_seq_prob)
 
 
-def pretrain_tokenizer(cfg: PretrainConfig, texts: list[str]) -> Tokenizer:
-    """An existing run's tokenizer, ``tokenizer.path``'s, or one trained on the text."""
-    if cfg.run_dir and (Path(cfg.run_dir) / "tokenizer.json").is_file():
-        return Tokenizer.load(Path(cfg.run_dir) / "tokenizer.json")
-    if cfg.tokenizer.path:
-        tok = Tokenizer.load(cfg.tokenizer.path)
-    else:
-        from attnkit.data.lm import text_chunks
-        tok = Tokenizer.train(cfg.tokenizer.kind, text_chunks(texts),
-                              vocab_size=cfg.tokenizer.vocab_size)
-    if tok.mask_id is None or tok.pad_id is None:
-        raise UserError(f"tokenizer {cfg.tokenizer.path} has no [MASK] or [PAD] token")
-    return tok
-
-
 # ---- loss and evaluation -----------------------------------------------------------------------
 def pretrain_loss(model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, int]:
-    """(MLM loss sum + n * mean NSP loss, n masked tokens): after fit divides by n, the
-    objective is BERT's mean MLM loss + mean NSP loss."""
+    """(MLM loss sum + n * mean NSP loss, n masked tokens) (:func:`attnkit.losses.mlm_nsp_loss`):
+    after fit divides by n, the objective is BERT's mean MLM loss + mean NSP loss."""
     selected = batch.labels != IGNORE
     out = model(batch.ids, attention_mask=batch.attention_mask,
                 token_type_ids=batch.token_types, mlm_mask=selected)
-    total, n = token_nll(out.mlm_logits, batch.labels[selected])
-    if out.nsp_logits is not None and batch.nsp is not None:
-        total = total + n * F.cross_entropy(out.nsp_logits.float(), batch.nsp)
-    return total, n
-
-
-@torch.no_grad()
-def mlm_scores(model: nn.Module, batches: list[MLMBatch]) -> dict[str, float]:
-    """Held-out MLM loss (nats per masked token), perplexity, accuracy, and NSP accuracy."""
-    device = next(model.parameters()).device
-    nll, right, n, nsp_right, nsp_n = 0.0, 0, 0, 0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        selected = batch.labels != IGNORE
-        out = model(batch.ids, attention_mask=batch.attention_mask,
-                    token_type_ids=batch.token_types, mlm_mask=selected)
-        labels = batch.labels[selected]
-        loss, count = token_nll(out.mlm_logits, labels)
-        nll, n = nll + float(loss.double()), n + count
-        right += int((out.mlm_logits.argmax(-1) == labels).sum())
-        if out.nsp_logits is not None and batch.nsp is not None:
-            nsp_right += int((out.nsp_logits.argmax(-1) == batch.nsp).sum())
-            nsp_n += len(batch.nsp)
-    loss = nll / max(1, n)
-    scores = {"val_mlm_loss": loss, "val_mlm_ppl": math.exp(min(loss, 700.0)),
-              "val_mlm_acc": right / max(1, n), "val_masked": float(n)}
-    if nsp_n:
-        scores["val_nsp_acc"] = nsp_right / nsp_n
-    return scores
-
-
-def held_out(examples: list[Example], eval_cfg: MLMEvalConfig, masker: Masker, pad_id: int
-             ) -> list[MLMBatch]:
-    """Held-out batches (the first ``max_sequences``), masked once with fixed seeds."""
-    if eval_cfg.max_sequences:
-        examples = examples[: eval_cfg.max_sequences]
-    if not examples:
-        raise UserError("the held-out text gives no sequences (raise data.val_fraction)")
-    return eval_batches(examples, eval_cfg.batch_size, masker, pad_id)  # static masks
+    return mlm_nsp_loss(out.mlm_logits, batch.labels[selected], out.nsp_logits, batch.nsp)
 
 
 # ---- loading trained models --------------------------------------------------------------------
@@ -290,7 +194,8 @@ def main(cfg: PretrainConfig, recipe: str = "bert-pretrain") -> dict:
     """Pre-train a BERT or RoBERTa on ``cfg.data``, then report held-out MLM scores."""
     cfg = with_data_default(cfg)
     train_texts, val_texts = load_corpus(cfg.data)
-    tok = pretrain_tokenizer(cfg, train_texts)
+    tok = resolve_tokenizer(cfg.tokenizer, lambda: text_chunks(train_texts), cfg.run_dir,
+                            ("mask", "pad", "bos", "eos"))
     masker = Masker.for_tokenizer(cfg.masking, tok)
     examples = examples_of(cfg, tok, train_texts, seed=cfg.train.seed)
     batches = MLMBatches(examples, cfg.batch_size, masker, tok.pad_id, seed=cfg.train.seed)

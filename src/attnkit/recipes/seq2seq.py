@@ -20,11 +20,17 @@ from torch import nn
 from attnkit.data.batching import TokenBatches, eval_batches
 from attnkit.decoding import beam_search, greedy_search
 from attnkit.errors import ConfigError, UserError
-from attnkit.evaluation import METRICS, perplexity
+from attnkit.evaluation import METRICS, eval_loop, perplexity
 from attnkit.losses import label_smoothed_nll
 from attnkit.models import build_seq2seq, check_seq2seq
 from attnkit.recipes.run import read_run, setup_run
-from attnkit.tokenizers import KINDS, Tokenizer
+from attnkit.tokenizers import (
+    Tokenizer,
+    TokenizerConfig,
+    check_specials,
+    load_tokenizer_path,
+    resolve_tokenizer,
+)
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
     load_run_weights,
@@ -33,17 +39,7 @@ from attnkit.train.checkpoint import (
 from attnkit.train.loop import TrainConfig, fit
 
 Pairs = list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    kind: Literal["char", "wordpiece", "bpe", "bytelevel"] = "char"
-    vocab_size: int = 8000        # ignored for char
-    path: str = ""                # a tokenizer.json to use instead of training one
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"tokenizer.kind must be one of {', '.join(KINDS)}")
+NEEDS = ("standard",)  # batching pads with id 0 and adds BOS 1 / EOS 2 (data.batching)
 
 
 @dataclass(frozen=True)
@@ -95,21 +91,6 @@ class Task:
     train: Pairs
     evals: dict[str, Pairs]
     metric: str
-
-
-def get_tokenizer(run_dir: Path, cfg: TokenizerConfig, texts: Callable[[], list[str]]
-                  ) -> Tokenizer:
-    """The run's tokenizer: reloaded, copied from ``cfg.path``, or trained on ``texts()``."""
-    path = run_dir / "tokenizer.json"
-    if path.exists():
-        return Tokenizer.load(path)
-    tok = Tokenizer.load(cfg.path) if cfg.path else Tokenizer.train(
-        cfg.kind, texts(), vocab_size=cfg.vocab_size)
-    if not tok.standard_ids:
-        raise UserError(f"tokenizer {cfg.path} lacks attnkit's special tokens "
-                        "[PAD] [BOS] [EOS] [UNK] at ids 0-3")
-    tok.save(path)
-    return tok
 
 
 # ---- model -------------------------------------------------------------------------------------
@@ -165,7 +146,7 @@ def decode_texts(model: nn.Module, tok: Tokenizer, sources: Sequence[str], cfg: 
                         f"model's maximum is {limit}")
     outputs: list[str] = [""] * len(ids)
     pairs = [(s if s else [tok.unk_id], []) for s in ids]
-    for batch in eval_batches(pairs, cfg.batch_tokens):
+    for batch in eval_loop(eval_batches(pairs, cfg.batch_tokens), desc="decoding"):
         src_lens = (batch.src != tok.pad_id).sum(1).tolist()
         max_len = [min(limit, int(cfg.max_len_a * n + cfg.max_len_b)) for n in src_lens]
         if (method or cfg.method) == "greedy":
@@ -188,7 +169,7 @@ def make_evaluate(tok: Tokenizer, task: Task, cfg: Seq2SeqConfig, max_len: int) 
     def evaluate(model: nn.Module) -> dict[str, float]:
         model = dist.unwrap(model)
         total, n = 0.0, 0
-        for batch in batches:
+        for batch in eval_loop(batches):
             loss, count = label_smoothed_nll(model(batch.src, batch.tgt_in).logits,
                                              batch.tgt_out, 0.0)
             total, n = total + loss.item(), n + count
@@ -217,7 +198,7 @@ def check_before_run(cfg: Seq2SeqConfig, task: Task) -> None:
     names = metric_names(cfg, task)
     cfg.train.check_best_metric(names)
     if cfg.tokenizer.path:
-        Tokenizer.load(cfg.tokenizer.path)
+        check_specials(load_tokenizer_path(cfg.tokenizer.path), NEEDS, cfg.tokenizer.path)
 
 
 def _setup(recipe: str, cfg: Seq2SeqConfig, task: Task) -> tuple[Path, Tokenizer, nn.Module]:
@@ -225,7 +206,10 @@ def _setup(recipe: str, cfg: Seq2SeqConfig, task: Task) -> tuple[Path, Tokenizer
     check_before_run(cfg, task)
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        tok = get_tokenizer(run_dir, cfg.tokenizer, lambda: [x for p in task.train for x in p])
+        tok = resolve_tokenizer(cfg.tokenizer, lambda: [x for p in task.train for x in p],
+                                run_dir, NEEDS)
+        if not (run_dir / "tokenizer.json").exists():
+            tok.save(run_dir / "tokenizer.json")
         return tok, build_model(run_dir, cfg, tok)
 
     return setup_run(recipe, cfg, create)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from attnkit.config import unknown
-from attnkit.data.lm import encode_documents, n_characters, text_chunks
+from attnkit.data.lm import LMData, encode_documents, n_characters, text_chunks
 from attnkit.data.lm import truncate_documents as truncate
 from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.errors import ConfigError
@@ -36,7 +36,6 @@ from attnkit.losses import token_nll
 from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
 from attnkit.recipes.lm import (
-    LMData,
     SampleConfig,
     load_corpus,
     load_model,
@@ -45,8 +44,7 @@ from attnkit.recipes.lm import (
     with_data_default,
 )
 from attnkit.recipes.run import record_model, setup_run
-from attnkit.recipes.seq2seq import TokenizerConfig, get_tokenizer
-from attnkit.tokenizers import Tokenizer
+from attnkit.tokenizers import Tokenizer, TokenizerConfig, resolve_tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import (
     write_json_atomic,
@@ -220,7 +218,10 @@ def main(cfg: XLLMConfig, recipe: str = "xl-lm") -> dict:
     train_docs, val_docs = load_corpus(cfg.data)
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        tok = get_tokenizer(run_dir, cfg.tokenizer, lambda: list(text_chunks(train_docs)))
+        tok = resolve_tokenizer(cfg.tokenizer, lambda: text_chunks(train_docs), run_dir,
+                                ("eos",))
+        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
+            tok.save(run_dir / "tokenizer.json")
         model, resolved = build_transformer_xl(cfg.preset, cfg.arch, tok.vocab_size)
         if dist.is_main():
             record_model(run_dir, FAMILY, resolved)
