@@ -204,3 +204,27 @@ def test_an_interrupted_pointer_run_resumes_to_the_same_weights(tmp_path: Path) 
     assert resumed.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_shared_length_sets_of_the_algorithmic_recipes():
+    """draw: one length per batch, uniform over min_len..max_len; eval_set: fixed by the seed
+    and the length; measure_sets: one figure dict per length."""
+    from dataclasses import replace
+
+    from attnkit.recipes.algorithmic import draw, eval_set, eval_sets, measure_sets
+    from attnkit.recipes.pointer import SortData
+
+    d = SortData(min_len=2, max_len=5, eval_size=7, seed=3)
+
+    def example(g, b, n):
+        return sort_examples(g, b, n, "float", 100)
+
+    drawn = [draw(example, d, 4)(batch_generator(0, i)) for i in range(60)]
+    assert {b.inputs.shape[1] for b in drawn} == {2, 3, 4, 5}
+    assert all(b.inputs.shape[0] == 4 for b in drawn)
+    a, again = eval_set(example, d, 4), eval_set(example, d, 4)
+    assert a.inputs.shape[:2] == (7, 4) and torch.equal(a.inputs, again.inputs)
+    assert not torch.equal(eval_set(example, replace(d, seed=4), 4).inputs, a.inputs)
+    figures = measure_sets(None, lambda m, b: {"n": float(b.inputs.shape[1])},
+                           eval_sets(example, d, (2, 5)))
+    assert figures == {2: {"n": 2.0}, 5: {"n": 5.0}}

@@ -11,16 +11,17 @@ from attnkit.config import apply_overrides, from_dict, load_json, to_dict, unkno
 from attnkit.errors import UserError
 from attnkit.recipes import (
     act,
+    bert_pretrain,
     copy,
     distil,
     finetune,
+    finetune_bert,
     finetune_lm,
     lm,
     lm_scratch,
     math,
     ntm,
     pointer,
-    pretrain,
     translate,
     xl_lm,
 )
@@ -57,13 +58,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("xl-lm", "Transformer-XL / adaptive span / all-attention LM with segment memory, bpc",
            xl_lm.defaults, xl_lm.main, xl_lm.evaluate),
     Recipe("bert-pretrain", "BERT pre-training (MLM + NSP) on any text, held-out MLM accuracy",
-           pretrain.bert_defaults, pretrain.main, pretrain.evaluate),
+           bert_pretrain.bert_defaults, bert_pretrain.main, bert_pretrain.evaluate),
     Recipe("roberta-pretrain", "RoBERTa pre-training (dynamic masks, full sentences, no NSP)",
-           pretrain.roberta_defaults, pretrain.main, pretrain.evaluate),
+           bert_pretrain.roberta_defaults, bert_pretrain.main, bert_pretrain.evaluate),
     Recipe("distil", "DistilBERT distillation of a BERT teacher, side-by-side comparison",
            distil.defaults, distil.main, distil.evaluate),
     Recipe("finetune", "fine-tune a BERT-family encoder: classify / tokens / qa on CSV/JSONL",
-           finetune.defaults, finetune.main, finetune.evaluate),
+           finetune_bert.defaults, finetune_bert.main, finetune.evaluate),
 )}
 
 

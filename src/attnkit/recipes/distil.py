@@ -238,7 +238,7 @@ def run_downstream(cfg: DistilConfig, run_dir: Path) -> dict[str, Any]:
     scores = {}
     for name, init in (("teacher", cfg.teacher), ("student", str(run_dir))):
         sub = replace(cfg.downstream, init=init, run_dir=str(run_dir / f"downstream-{name}"))
-        scores[name] = finetune.main(sub, recipe="finetune")["valid"]
+        scores[name] = finetune.train_and_report(sub, recipe="finetune")["valid"]
     key = "accuracy" if "accuracy" in scores["teacher"] else "f1"
     return {**scores, "metric": key,
             "retained": scores["student"][key] / max(1e-12, scores["teacher"][key])}

@@ -1,4 +1,4 @@
-"""The "finetune" recipe: a pre-trained encoder plus a task head, trained on CSV/JSONL files.
+"""Fine-tuning runs: a pre-trained encoder plus a task head, trained on CSV/JSONL files.
 
 Devlin et al. 2019, section 4: every weight is fine-tuned together with a fresh output layer.
 ``init`` is an attnkit run ("bert-pretrain", "roberta-pretrain", "distil") or a Hugging Face
@@ -14,6 +14,11 @@ directory (e.g. all-MiniLM-L6-v2); the run keeps that model's tokenizer. Three t
   "answer_start": [...]}`` or a list of ``{"text", "answer_start"}``); inputs
   ``[CLS] question [SEP] context [SEP]`` (the context cut to fit, no sliding windows); the best
   span of at most ``max_answer_len`` tokens inside the context; SQuAD exact match and F1.
+
+The "finetune" recipe (:mod:`attnkit.recipes.finetune_bert`) and the "distil" recipe's
+downstream comparison both run :func:`train_and_report`. Records, encoding and batches are in
+:mod:`attnkit.data.records`, metrics in :mod:`attnkit.evaluation`, losses in
+:mod:`attnkit.losses`, heads in :mod:`attnkit.models.heads`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,6 @@ from attnkit.train.checkpoint import (
     write_json_atomic,
 )
 from attnkit.train.loop import TrainConfig, fit
-from attnkit.train.optim import OptimConfig
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -163,8 +167,9 @@ def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
     return model.eval(), Tokenizer.load(run_dir / "tokenizer.json"), record
 
 
-def main(cfg: FinetuneConfig, recipe: str = "finetune") -> dict:
-    """Fine-tune ``cfg.init`` with a ``cfg.task`` head on ``cfg.data``, then report."""
+def train_and_report(cfg: FinetuneConfig, recipe: str = "finetune") -> dict:
+    """Fine-tune ``cfg.init`` with a ``cfg.task`` head on ``cfg.data``, then report (the
+    "finetune" recipe, and the downstream comparison of the "distil" recipe)."""
     if not cfg.init:
         raise UserError("set init=DIR: an attnkit bert-pretrain/distil run or a Hugging Face "
                         "BERT/RoBERTa/DistilBERT directory")
@@ -223,13 +228,3 @@ def final_report(run_dir: Path, cfg: FinetuneConfig, val_items: list[Item] | Non
 def evaluate(run_dir: Path, cfg: FinetuneConfig) -> dict:
     """`attnkit eval RUN`: validation (and test) scores of the best checkpoint."""
     return final_report(run_dir, cfg)
-
-
-def defaults() -> FinetuneConfig:
-    """BERT's fine-tuning settings (section 4, appendix A.3) shortened for a CPU: AdamW 5e-5
-    (2e-5..5e-5 in the paper), linear decay after 10% warm-up, batch 16."""
-    return FinetuneConfig(train=TrainConfig(
-        steps=300, eval_every=50, save_every=50, log_every=10, best_metric="val_f1",
-        best_mode="max", optim=OptimConfig(name="adamw", lr=5e-5, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=0.01, schedule="linear",
-                                           warmup_steps=30)))

@@ -4,8 +4,8 @@ A run reads documents (a text file, JSONL through a template, or a folder), hold
 part, trains a decoder-only model on random windows of the token stream with :func:`fit`,
 evaluates the held-out text (loss, perplexity, bits per character), prints samples at every
 evaluation, keeps the best checkpoint by validation loss, and ends with ``results.json``.
-Defaults follow nanoGPT's Shakespeare-character settings sized for a CPU (4 layers x 128,
-4 heads, context 64, batch 12, AdamW 1e-3 with cosine decay to 1e-4, betas (0.9, 0.99)).
+The recipes themselves are :mod:`attnkit.recipes.lm_scratch` ("lm"),
+:mod:`attnkit.recipes.finetune_lm` and :mod:`attnkit.recipes.xl_lm`.
 """
 
 from __future__ import annotations
