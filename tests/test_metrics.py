@@ -20,7 +20,7 @@ from attnkit.evaluation import (
     macro_f1,
     perplexity,
 )
-from attnkit.losses import IGNORE, TASK_LOSSES, mlm_nsp_loss, sequence_nll, span_nll
+from attnkit.losses import IGNORE, TASK_LOSSES, mlm_nsp_loss, span_loss, span_nll
 
 
 def _nll(row: list[float], y: int) -> float:
@@ -63,7 +63,7 @@ def test_task_losses_against_float64_loops():
     torch.manual_seed(0)
     logits = torch.randn(4, 5, dtype=torch.float64) * 2
     labels = torch.tensor([0, 3, 4, 1])
-    total, n = sequence_nll(logits, labels)
+    total, n = TASK_LOSSES["classify"](logits, labels)
     assert n == 4
     ref = sum(_nll(logits[i].tolist(), int(labels[i])) for i in range(4))
     assert float(total) == pytest.approx(ref, rel=1e-6)
@@ -73,7 +73,9 @@ def test_task_losses_against_float64_loops():
     total, n = span_nll(spans_logits, spans)
     ref = sum((_nll(spans_logits[b, :, 0].tolist(), int(spans[b, 0]))
                + _nll(spans_logits[b, :, 1].tolist(), int(spans[b, 1]))) / 2 for b in range(3))
-    assert n == 3 and float(total) == pytest.approx(ref, rel=1e-6)
+    assert n == 3 and float(total) == pytest.approx(ref, rel=1e-9)
+    assert float(total) / n == pytest.approx(float(span_loss(
+        spans_logits[..., 0], spans_logits[..., 1], spans[:, 0], spans[:, 1])), rel=1e-12)
 
     tags = torch.tensor([[IGNORE, 2, IGNORE], [1, IGNORE, 0]])
     tag_logits = torch.randn(2, 3, 4, dtype=torch.float64)
