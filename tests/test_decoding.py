@@ -191,7 +191,11 @@ class TableModel:
     def start(self, src: torch.Tensor, max_len: int) -> TableState:
         return TableState(src.size(0))
 
-    def step(self, tokens: torch.Tensor, state: TableState) -> torch.Tensor:
+    def reorder(self, state: TableState, index: torch.Tensor) -> TableState:
+        state.reorder(index)
+        return state
+
+    def step(self, state: TableState, tokens: torch.Tensor) -> tuple[torch.Tensor, TableState]:
         self.steps += 1
         logits = torch.empty(len(state.prefixes), self.vocab)
         for r, tok in enumerate(tokens[:, -1].tolist()):
@@ -200,7 +204,7 @@ class TableModel:
             probs = self.table.get(state.prefixes[r], self.default)
             logits[r] = torch.tensor([math.log(probs.get(v, self.floor))
                                       for v in range(self.vocab)])
-        return logits  # (B, V)
+        return logits, state  # (B, V)
 
     def logprob(self, seq: list[int]) -> float:
         """Reference log P(seq EOS) from the table itself, float64 log-softmax per step."""
@@ -290,7 +294,8 @@ def test_cached_step_logits_equal_forward():
     with torch.no_grad():
         full = model(src, tgt).logits  # (B, T, V)
         state = model.start(src, tgt.size(1))
-        steps = torch.stack([model.step(tgt[:, t:t + 1], state) for t in range(tgt.size(1))], 1)
+        steps = torch.stack([model.step(state, tgt[:, t:t + 1])[0]
+                             for t in range(tgt.size(1))], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
 
 

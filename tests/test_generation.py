@@ -71,12 +71,15 @@ def tiny_gpt2(vocab: int = 11, seed: int = 0) -> GPT2:
 class HistoryCache:
     """Every token seen so far (B, S) and whether it is real (not a left pad)."""
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, prompt_real: torch.Tensor) -> None:
+        batch = prompt_real.size(0)
+        self.prompt_real = prompt_real  # (B, P) the prompts' attention mask
         self.ids = torch.empty((batch, 0), dtype=torch.long)
         self.real = torch.empty((batch, 0), dtype=torch.bool)
 
     def reorder(self, index: torch.Tensor) -> None:
         self.ids, self.real = self.ids[index], self.real[index]
+        self.prompt_real = self.prompt_real[index]
 
 
 class TableLM(nn.Module):
@@ -92,22 +95,25 @@ class TableLM(nn.Module):
                                                   dtype=torch.float64), requires_grad=False)
         self.config = SimpleNamespace(vocab_size=vocab, n_positions=context)
 
-    def new_cache(self, batch: int, max_len: int) -> list[HistoryCache]:
-        return [HistoryCache(batch)]
-
     def next_logits(self, history: list[int]) -> torch.Tensor:
         """The reference: logits (V,) after ``history`` (real tokens only)."""
         return self.table[history[-1], sum(history) % self.M]
 
-    def forward(self, ids, *, attention_mask=None, position_ids=None, cache=None,
-                last_only=False):
-        t = ids.size(1)
-        real = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
-                else attention_mask[:, -t:].bool())
-        c = cache[0]
+    def start(self, input_ids, attention_mask=None, max_new_tokens=0) -> HistoryCache:
+        return HistoryCache(torch.ones_like(input_ids, dtype=torch.bool)
+                            if attention_mask is None else attention_mask.bool())
+
+    def reorder(self, state: HistoryCache, index: torch.Tensor) -> HistoryCache:
+        state.reorder(index)
+        return state
+
+    def step(self, state: HistoryCache, ids: torch.Tensor):
+        real = (state.prompt_real if state.ids.size(1) == 0
+                else torch.ones_like(ids, dtype=torch.bool))
+        c = state
         c.ids, c.real = torch.cat([c.ids, ids], 1), torch.cat([c.real, real], 1)
         total = (c.ids * c.real).sum(1) % self.M
-        return SimpleNamespace(logits=self.table[ids[:, -1], total][:, None])  # (B, 1, V)
+        return self.table[ids[:, -1], total], state  # (B, V)
 
 
 class ConstLM(TableLM):
@@ -117,8 +123,8 @@ class ConstLM(TableLM):
         super().__init__(len(logits), context)
         self.logits = torch.tensor(logits, dtype=torch.float64)
 
-    def forward(self, ids, **kwargs):
-        return SimpleNamespace(logits=self.logits.expand(ids.size(0), 1, -1))
+    def step(self, state, ids):
+        return self.logits.expand(ids.size(0), -1), state
 
 
 class ScriptLM(TableLM):
@@ -128,15 +134,14 @@ class ScriptLM(TableLM):
         super().__init__(vocab, context=256)
         self.script, self.calls = script, 0
 
-    def new_cache(self, batch: int, max_len: int) -> list:
+    def start(self, input_ids, attention_mask=None, max_new_tokens=0) -> None:
         self.calls = 0
-        return []
 
-    def forward(self, ids, **kwargs):
-        logits = torch.zeros(ids.size(0), 1, self.config.vocab_size, dtype=torch.float64)
-        logits[:, 0, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+    def step(self, state, ids):
+        logits = torch.zeros(ids.size(0), self.config.vocab_size, dtype=torch.float64)
+        logits[:, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
         self.calls += 1
-        return SimpleNamespace(logits=logits)
+        return logits, state
 
 
 # -- parity with transformers and with recomputation ---------------------------------------------
@@ -436,11 +441,9 @@ def test_bad_config_one_line_error(kw, msg):
     ([[]], {}, "prompt 0 is empty"),
     ([[1, 2], [1, 97]], {}, "token id 97 in prompt 1 is outside the vocabulary of size 97"),
     ([[1, -1]], {}, "token id -1 in prompt 0"),
-    ([[1] * 90], {}, "prompt 0 has 90 tokens; with 10 new tokens that exceeds the model's "
-                     "context of 96"),
     ([1, 2, 3], {}, "prompts must be a non-empty list of token-id lists"),
     ([], {}, "prompts must be a non-empty list"),
-    ([[1]], dict(max_new_tokens=96), "leaves no room for a prompt"),
+    ([[1]], dict(max_new_tokens=96, truncate=True), "leaves no room for a prompt"),
     ([[1]], dict(stop=("x",)), "stop strings need a tokenizer"),
 ])
 def test_bad_prompt_one_line_error(prompts, kw, msg):
@@ -499,8 +502,7 @@ def test_cli_prompts_file_equals_one_at_a_time(hf_dir, tmp_path, capsys):
     (["x", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["x", "--temperature", "-1"], "temperature must be >= 0, got -1.0"),
     ([""], "prompt 0 is empty"),
-    (["x", "--max-new-tokens", "70"], "leaves no room for a prompt"),
-    (["x" * 60, "--max-new-tokens", "10"], "exceeds the model's context of 64"),
+    (["x", "--max-new-tokens", "70", "--truncate"], "leaves no room for a prompt"),
     ([], "give either a prompt or --prompts-file"),
 ])
 def test_cli_bad_input_exit_2_one_line(hf_dir, capsys, extra, msg):

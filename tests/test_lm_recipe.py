@@ -19,8 +19,6 @@ from attnkit.cli import main
 from attnkit.data.lm import encode_documents, eval_windows, n_characters, score
 from attnkit.recipes.lm import (
     SampleConfig,
-    _recompute_step,
-    _sample,
     load_corpus,
     load_model,
     sample_texts,
@@ -94,8 +92,14 @@ def test_lm_recipe_trains_evaluates_and_samples(tmp_path, capsys):
     # greedy: cached generation and recomputation give the same text
     greedy = SampleConfig(prompt="the ", n=1, max_new_tokens=12, temperature=0.0)
     with torch.no_grad():
-        cached = sample_texts(model, tok, greedy, 32)[0]
-        plain = _sample(_recompute_step(model, 32), tok.encode("the "), greedy, tok.eos_id, 0)
+        cached = sample_texts(model, tok, greedy)[0]
+        ids, plain = tok.encode("the "), []  # recomputed over the (last 32) tokens every step
+        for _ in range(12):
+            nxt = int(model(torch.tensor([ids[-32:]])).logits[0, -1].argmax())
+            if nxt == tok.eos_id:
+                break
+            ids.append(nxt)
+            plain.append(nxt)
     assert cached == "the " + tok.decode(plain)
 
 

@@ -98,7 +98,7 @@ def test_bahdanau_step_equals_the_paper_equations() -> None:
     model = tiny(cell="gru", attention="bahdanau", bidirectional=True)
     assert model.cfg.score == "additive" and model.cfg.input_feeding is False
     state = model.start(SOURCES, 10)
-    logits = model.step(TARGETS[:, :1], state)
+    logits, state = model.step(state, TARGETS[:, :1])
     out = model(SOURCES, TARGETS[:, :1], output_attentions=True)
     for row, length in ((0, 5), (1, 3)):
         ref, alpha = bahdanau_reference(model, SOURCES[row, :length].tolist(), 1)
@@ -135,7 +135,7 @@ def test_luong_steps_with_input_feeding_equal_the_paper_equations() -> None:
     model = tiny(cell="lstm", attention="luong", bidirectional=False)
     assert model.cfg.score == "general" and model.cfg.input_feeding is True
     state = model.start(SOURCES, 10)
-    steps = [model.step(TARGETS[:, t:t + 1], state) for t in range(3)]
+    steps = [model.step(state, TARGETS[:, t:t + 1])[0] for t in range(3)]
     for row, length in ((0, 5), (1, 3)):
         ref = luong_reference(model, SOURCES[row, :length].tolist(), TARGETS[row, :3].tolist())
         for t in range(3):
@@ -160,14 +160,14 @@ def test_incremental_steps_equal_teacher_forcing_and_padding_changes_nothing(kw:
     model = tiny(**kw)
     full = model(SOURCES, TARGETS).logits  # (B, T, V)
     state = model.start(SOURCES, 10)
-    steps = torch.stack([model.step(TARGETS[:, t:t + 1], state) for t in range(4)], 1)
+    steps = torch.stack([model.step(state, TARGETS[:, t:t + 1])[0] for t in range(4)], 1)
     torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
     explicit = model(SOURCES, TARGETS, output_attentions=True).logits  # the core's explicit path
     torch.testing.assert_close(explicit, full, rtol=1e-9, atol=1e-9)
     alone = model(SOURCES[1:, :3], TARGETS[1:]).logits  # the padded row without its padding
     torch.testing.assert_close(full[1:], alone, rtol=1e-9, atol=1e-9)
     state = model.start(SOURCES, 10)  # several tokens in one step: logits of the last
-    torch.testing.assert_close(model.step(TARGETS[:, :3], state), full[:, 2], rtol=1e-9,
+    torch.testing.assert_close(model.step(state, TARGETS[:, :3])[0], full[:, 2], rtol=1e-9,
                                atol=1e-9)
 
 

@@ -245,7 +245,7 @@ def test_incremental_steps_equal_forward(norm_first, positions, chunks):
         state = model.start(src, max_len=7)
         pos = 0
         for n in chunks:
-            last = model.step(tgt[:, pos:pos + n], state)
+            last, state = model.step(state, tgt[:, pos:pos + n])
             pos += n
             assert state.position == pos
             torch.testing.assert_close(last, full[:, pos - 1], rtol=0, atol=1e-5)
@@ -259,11 +259,11 @@ def test_decode_state_reorder_keeps_rows():
     index = torch.tensor([2, 0, 2, 1])
     with torch.no_grad():
         state = model.start(src, max_len=5)
-        model.step(tgt[:, :2], state)
-        state.reorder(index)
+        model.step(state, tgt[:, :2])
+        state = model.reorder(state, index)
         rest = tokens(4, 3, seed=4)          # each surviving row continues differently
-        model.step(rest[:, :1], state)
-        last = model.step(rest[:, 1:], state)
+        model.step(state, rest[:, :1])
+        last, state = model.step(state, rest[:, 1:])
         prefix = torch.cat([tgt[index, :2], rest], dim=1)
         full = model(src[index], prefix).logits
     assert state.memory_mask.shape == (4, 1, 1, 6)
@@ -280,13 +280,13 @@ def test_too_long_sequences_raise_user_error():
         with pytest.raises(UserError):
             model.start(tokens(1, 3), max_len=9)
         state = model.start(tokens(1, 3), max_len=8)
-        model.step(tokens(1, 7), state)
+        model.step(state, tokens(1, 7))
         with pytest.raises(UserError):
-            model.step(tokens(1, 2), state)     # position 9 > model max_len 8
+            model.step(state, tokens(1, 2))     # position 9 > model max_len 8
         state = model.start(tokens(1, 3), max_len=4)
-        model.step(tokens(1, 4), state)
+        model.step(state, tokens(1, 4))
         with pytest.raises((UserError, ValueError)):
-            model.step(tokens(1, 1), state)     # beyond the cache allocated by start()
+            model.step(state, tokens(1, 1))     # beyond the cache allocated by start()
 
 
 # -- configs ----------------------------------------------------------------------------------

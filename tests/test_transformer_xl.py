@@ -303,24 +303,33 @@ def test_resumed_training_with_memory_equals_uninterrupted(tmp_path, capsys):
 
 
 def test_sampling_with_memory_equals_recomputing_the_whole_text():
-    """One token at a time after the memory gives the logits of a full pass over the text
-    (the memory holds every earlier position), so greedy and seeded sampling agree."""
-    from attnkit.recipes.lm import SampleConfig, _memory_step, _recompute_step, _sample
+    """One token at a time after the memory (the decoding protocol's step) gives the logits of
+    a full pass over the text (the memory holds every earlier position), so greedy and seeded
+    sampling agree."""
+    from attnkit.generation import GenerationConfig, choose_tokens, generate
     torch.manual_seed(0)
     model = TransformerXL(xl_arch("tiny", {"d_model": 32, "n_heads": 2, "n_layers": 2,
                                            "d_ff": 64, "mem_len": 64, "dropout": 0.0}, 23))
     model.eval()
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     with torch.no_grad():
-        memory, full = _memory_step(model), _recompute_step(model, 64)
         ids = list(prompt)
+        logits, state = model.step(model.start(torch.tensor([ids])), torch.tensor([ids]))
         for nxt in (5, 3, 5, 8, 9, 7, 9, 3):
-            torch.testing.assert_close(memory(ids), full(ids), atol=1e-5, rtol=1e-5)
+            full = model(torch.tensor([ids])).logits[:, -1]
+            torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
             ids.append(nxt)
+            logits, state = model.step(state, torch.tensor([[nxt]]))
         for temperature in (0.0, 1.0):
-            cfg = SampleConfig(n=1, max_new_tokens=30, temperature=temperature)
-            a = _sample(_memory_step(model), prompt, cfg, None, 7)
-            b = _sample(_recompute_step(model, 64), prompt, cfg, None, 7)
+            cfg = GenerationConfig(max_new_tokens=30, do_sample=temperature > 0,
+                                   temperature=temperature, seed=7)
+            a = generate(model, [prompt], cfg)[0]
+            gens = [torch.Generator().manual_seed(7)] if temperature > 0 else []
+            ids, b = list(prompt), []
+            for _ in range(30):
+                full = model(torch.tensor([ids])).logits[:, -1]
+                b.append(int(choose_tokens(full, cfg, None, gens)[0]))
+                ids.append(b[-1])
             assert a == b and len(a) == 30
 
 

@@ -160,7 +160,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="stop before this string (repeatable)")
     g.add_argument("--seed", type=int, help="sampling seed (prompt i of a file uses seed + i)")
     g.add_argument("--truncate", action="store_true",
-                   help="keep the last tokens of a prompt longer than the context allows")
+                   help="cut prompts so that prompt and new tokens fit the context "
+                   "(default: the window slides past it)")
     g.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="prompts generated together (with --prompts-file)")
     g.add_argument("--no-stream", action="store_true",
@@ -170,7 +171,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from attnkit.generation import GenerationConfig, generate_text, load_language_model
+    from attnkit.generation import (
+        GenerationConfig,
+        generate_text,
+        load_language_model,
+        window_note,
+    )
 
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.beams == 1,
@@ -193,6 +199,9 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         prompts = [args.prompt]
     model, tokenizer = load_language_model(args.model)
+    note = window_note(model, [len(tokenizer.encode(p)) for p in prompts], cfg)
+    if note:
+        print(f"attnkit: note: {note}", file=sys.stderr)
     if len(prompts) == 1 and not args.no_stream:
         shown = []  # the prompt is printed with the first piece: errors come before any output
 

@@ -1,16 +1,18 @@
 """Text generation for decoder-only language models: greedy, sampling, beam search, streaming.
 
-A model is anything with the GPT-2 interface of :mod:`attnkit.models.gpt2`:
-``model(ids, attention_mask=, position_ids=, cache=, last_only=True).logits`` (B, 1, V),
-``model.new_cache(batch, max_len)`` (a list of per-layer caches with ``reorder(index)``) and
-``model.config`` with ``vocab_size`` and ``n_positions``.
+A model is anything that speaks the decoding protocol of :mod:`attnkit.decoding` for
+decoder-only models (``start(input_ids, attention_mask=, max_new_tokens=)``, ``step``,
+``reorder``: GPT-2, Transformer-XL) and has a ``config`` (or ``cfg``) with ``vocab_size`` and,
+for absolute positions, ``n_positions``.
 
 How a batch runs: prompts of different lengths are padded on the left (attention mask 0 on the
-pads, position ids ``cumsum(mask) - 1`` clamped at 0, as in Hugging Face); the key/value cache is
-preallocated for the longest prompt + ``max_new_tokens``; the prompts run in one forward pass,
-then every step feeds one token per row and reads the logits of the last position only. When
-no row is padded no mask and no position ids are passed at all (the model's fast path). A
-prompt's output never depends on the other prompts in its batch.
+pads, position ids ``cumsum(mask) - 1``, as in Hugging Face), the prompts run in one step, then
+every step feeds one token per row and reads the logits of its last position. A prompt's output
+never depends on the other prompts in its batch. A model without an attention mask
+(``left_padding = False``: Transformer-XL) takes prompts of different lengths one at a time.
+Past the context of a model with absolute positions the window slides (the next token is
+predicted from the last ``n_positions`` tokens, re-encoded, as nanoGPT's sampler crops its
+input); ``truncate`` instead cuts prompts so that prompt and new tokens fit the context.
 
 The next token is chosen from the last logits after, in this order (the order of transformers):
 1. repetition penalty (Keskar et al. 2019, CTRL, section 4.1, in the signed form transformers
@@ -24,9 +26,10 @@ then greedy takes the argmax and sampling draws from the softmax of what is left
 its own ``torch.Generator`` seeded ``seed + i`` (so a batch equals its prompts run one at a time
 with seeds seed, seed + 1, ...).
 
-Beam search ranks hypotheses by GNMT's length-normalised score (Wu et al. 2016, eq. 14),
-log P(Y | prompt) / ((5 + |Y|) / 6) ** alpha, as the seq2seq beam search of
-:mod:`attnkit.decoding` does; a hypothesis ends at EOS or after ``max_new_tokens``.
+Greedy, sampling and beam search are the loops of :mod:`attnkit.decoding`; beam search ranks
+hypotheses by GNMT's length-normalised score (Wu et al. 2016, eq. 14),
+log P(Y | prompt) / ((5 + |Y|) / 6) ** alpha; a hypothesis ends at EOS or after
+``max_new_tokens``.
 
 Returned tokens are the new ones only; a row that produced EOS ends with it.
 """
@@ -43,12 +46,9 @@ from typing import Protocol, TextIO
 import torch
 from torch import Tensor, nn
 
-from attnkit.decoding import Hypothesis, _is_done, length_penalty
+from attnkit.decoding import OnToken, decode_beams, decode_steps
 from attnkit.errors import ConfigError, UserError
-from attnkit.models.gpt2 import left_pad_positions
 from attnkit.nn.fast_linear import decode_linears
-
-OnToken = Callable[[int, int], "bool | None"]  # (row, token) -> True ends that row
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()       # stop strings (text-level: see generate_text)
     eos_id: int | None = None        # None: no EOS in generate(); the tokenizer's in text
     seed: int | None = None          # None: drawn from torch's global generator
-    truncate: bool = False           # too-long prompts keep their last tokens instead of erring
+    truncate: bool = False           # cut prompts so that the new tokens fit the context
+    #                                  (by default the window slides past the context)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -155,21 +156,27 @@ def choose_tokens(logits: Tensor, cfg: GenerationConfig, seen: Tensor | None,
 
 
 # -- prompts --------------------------------------------------------------------------------------
+def _sizes(model: nn.Module) -> tuple[int, int | None]:
+    """The model's vocabulary size and context (None: no absolute positions, no limit)."""
+    config = getattr(model, "config", None) or model.cfg
+    return config.vocab_size, getattr(config, "n_positions", None)
+
+
 def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]],
                    cfg: GenerationConfig) -> list[list[int]]:
-    """Prompts as lists of ints, each checked (empty, vocabulary, context) or truncated."""
-    vocab, context = model.config.vocab_size, model.config.n_positions
+    """Prompts as lists of ints, each checked (empty, vocabulary) or truncated."""
+    vocab, context = _sizes(model)
     if isinstance(prompts, Tensor):
         prompts = prompts.tolist()
     if (isinstance(prompts, (str, bytes)) or not prompts
             or any(isinstance(x, (int, str, bytes)) for x in prompts)):
         raise UserError("prompts must be a non-empty list of token-id lists")
-    if cfg.max_new_tokens >= context:
+    if cfg.truncate and context is not None and cfg.max_new_tokens >= context:
         raise UserError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
-                        f"the model's context of {context} positions")
+                        f"the model's context of {context} positions (without --truncate the "
+                        "window slides)")
     if cfg.eos_id is not None and cfg.eos_id >= vocab:
         raise UserError(f"eos_id {cfg.eos_id} is outside the vocabulary of size {vocab}")
-    room = context - cfg.max_new_tokens
     out = []
     for i, ids in enumerate(prompts):
         ids = [int(x) for x in ids]
@@ -179,47 +186,32 @@ def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]],
         if bad is not None:
             raise UserError(f"token id {bad} in prompt {i} is outside the vocabulary of size "
                             f"{vocab}")
-        if len(ids) > room:
-            if not cfg.truncate:
-                raise UserError(
-                    f"prompt {i} has {len(ids)} tokens; with {cfg.max_new_tokens} new tokens "
-                    f"that exceeds the model's context of {context}: shorten it, lower "
-                    f"max_new_tokens, or truncate it (--truncate keeps its last {room})")
-            ids = ids[-room:]
+        if cfg.truncate and context is not None:
+            ids = ids[-(context - cfg.max_new_tokens):]
         out.append(ids)
     return out
 
 
-@dataclass
-class _Batch:
-    """Left-padded prompts: ids (B, P); mask (B, P + N) and positions (B, P) if any is padded."""
-
-    ids: Tensor
-    lengths: Tensor
-    mask: Tensor | None
-    positions: Tensor | None
-
-    def mask_upto(self, end: int) -> Tensor | None:
-        return None if self.mask is None else self.mask[:, :end]
-
-    def step_positions(self, t: int) -> Tensor | None:
-        """Position ids (B, 1) of new token t (0-based)."""
-        return None if self.mask is None else (self.lengths + t)[:, None]
+def window_note(model: nn.Module, prompt_lengths: Sequence[int], cfg: GenerationConfig
+                ) -> str | None:
+    """A one-line note when generation will pass the model's context (the window slides)."""
+    context = _sizes(model)[1]
+    longest = max(prompt_lengths, default=0)
+    if context is None or cfg.truncate or longest + cfg.max_new_tokens <= context:
+        return None
+    return (f"{longest} prompt + {cfg.max_new_tokens} new tokens exceed the model's context of "
+            f"{context}: the window slides (each token sees the last {context - 1} before it)")
 
 
-def _left_pad(prompts: list[list[int]], new: int, device: torch.device) -> _Batch:
+def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Prompts padded on the left (B, P) and their attention mask (B, P), None if unpadded."""
     b, p = len(prompts), max(map(len, prompts))
     ids = torch.zeros((b, p), dtype=torch.long)
-    lengths = torch.tensor([len(x) for x in prompts])
+    mask = torch.ones((b, p), dtype=torch.bool)
     for i, x in enumerate(prompts):
         ids[i, p - len(x):] = torch.tensor(x)
-    if int(lengths.min()) == p:
-        return _Batch(ids.to(device), lengths.to(device), None, None)
-    mask = torch.ones((b, p + new), dtype=torch.bool)
-    for i, x in enumerate(prompts):
         mask[i, : p - len(x)] = False
-    positions = left_pad_positions(mask[:, :p])  # (B, P)
-    return _Batch(ids.to(device), lengths.to(device), mask.to(device), positions.to(device))
+    return ids.to(device), None if bool(mask.all()) else mask.to(device)
 
 
 def _seen(prompts: list[list[int]], vocab: int, device: torch.device) -> Tensor:
@@ -266,130 +258,50 @@ def generate(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
     if cfg.stop:
         raise ConfigError("stop strings need a tokenizer: use generate_text")
     prompts = _check_prompts(model, prompt_ids, cfg)
+    if len(set(map(len, prompts))) > 1 and not getattr(model, "left_padding", True):
+        return [row for i, p in enumerate(prompts) for row in generate(
+            model, [p], cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + i),
+            on_token=None if on_token is None else lambda _, tok, i=i: on_token(i, tok))]
     device, training = _device(model), model.training
     model.eval()
     try:
         with torch.inference_mode(), decode_linears(model):  # faster at batch 1 on CPU
-            if cfg.strategy == "beam":
-                return _beam_search(model, prompts, cfg, on_token, device)
-            return _step_loop(model, prompts, cfg, on_token, device)
+            return _decode(model, prompts, cfg, on_token, device)
     finally:
         model.train(training)
 
 
-def _step_loop(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig,
-               on_token: OnToken | None, device: torch.device) -> list[list[int]]:
-    """Greedy or sampling: the prompts in one forward pass, then one token per step."""
-    n, eos = cfg.max_new_tokens, cfg.eos_id
-    batch = _left_pad(prompts, n, device)
-    b, p = batch.ids.shape
-    penalty = cfg.repetition_penalty != 1.0
-    seen = _seen(prompts, model.config.vocab_size, device) if penalty else None
-    gens = _generators(cfg, b, device)
-    cache = model.new_cache(b, p + n)
-    logits = model(batch.ids, attention_mask=batch.mask_upto(p), position_ids=batch.positions,
-                   cache=cache, last_only=True).logits[:, -1]  # (B, V)
-    out: list[list[int]] = [[] for _ in range(b)]
-    alive = [True] * b
-    rows = torch.arange(b, device=device) if penalty else None
-    for t in range(n):
-        if eos is not None and t < cfg.min_new_tokens:
-            logits = _forbid(logits, eos)
-        nxt = choose_tokens(logits, cfg, seen, gens)  # (B,)
-        for i, tok in enumerate(nxt.tolist()):
-            if alive[i]:
-                out[i].append(tok)
-                stop = on_token is not None and on_token(i, tok)
-                if tok == eos or stop:
-                    alive[i] = False
-        if t == n - 1 or not any(alive):
-            break
-        if seen is not None:
-            seen[rows, nxt] = True
-        logits = model(nxt[:, None], attention_mask=batch.mask_upto(p + t + 1),
-                       position_ids=batch.step_positions(t), cache=cache,
-                       last_only=True).logits[:, -1]
-    return out
+def _decode(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig,
+            on_token: OnToken | None, device: torch.device) -> list[list[int]]:
+    """The prompts in one step, then the loops of :mod:`attnkit.decoding`."""
+    ids, mask = _left_pad(prompts, device)
+    state = model.start(ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens)
+    limits = torch.full((len(prompts),), cfg.max_new_tokens)
+    beams = cfg.num_beams if cfg.strategy == "beam" else 1
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = _seen(prompts, _sizes(model)[0], device).repeat_interleave(beams, dim=0)
 
+    def inputs(logits: Tensor, t: int, history: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The logits with EOS forbidden before min_new_tokens, and the tokens seen."""
+        if cfg.eos_id is not None and t < cfg.min_new_tokens:
+            logits = _forbid(logits, cfg.eos_id)
+        return logits, None if seen is None else seen.scatter(1, history.to(device), True)
 
-def _beam_search(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig,
-                 on_token: OnToken | None, device: torch.device) -> list[list[int]]:
-    """Beam search over K hypotheses per prompt (rows b * K + beam); caches reordered per step.
+    def log_probs(logits: Tensor, t: int, history: Tensor) -> Tensor:
+        logits, rows_seen = inputs(logits, t, history)
+        return torch.log_softmax(process_logits(logits, cfg, rows_seen).float(), dim=-1)
 
-    Each step extends every live hypothesis by every token, keeps the best K that do not end
-    and moves those ending in EOS (or reaching max_new_tokens) to the finished list; a prompt
-    is done when no live hypothesis can still beat its K-th finished one
-    (:func:`attnkit.decoding._is_done`).
-    """
-    b, k, n, eos = len(prompts), cfg.num_beams, cfg.max_new_tokens, cfg.eos_id
-    batch = _left_pad(prompts, n, device)
-    p = batch.ids.size(1)
-    cache = model.new_cache(b, p + n)
-    logits = model(batch.ids, attention_mask=batch.mask_upto(p), position_ids=batch.positions,
-                   cache=cache, last_only=True).logits[:, -1]
-    expand = torch.arange(b, device=device).repeat_interleave(k)
-    for layer in cache:
-        layer.reorder(expand)
-    batch = _Batch(batch.ids[expand], batch.lengths[expand],
-                   None if batch.mask is None else batch.mask[expand], None)
-    logits = logits[expand]  # (B*K, V)
-    penalty = cfg.repetition_penalty != 1.0
-    seen = _seen(prompts, model.config.vocab_size, device)[expand] if penalty else None
-    scores = torch.full((b, k), float("-inf"))
-    scores[:, 0] = 0.0
-    history = torch.empty((b * k, 0), dtype=torch.long)
-    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
-    done = [False] * b
-    for t in range(n):
-        if eos is not None and t < cfg.min_new_tokens:
-            logits = _forbid(logits, eos)
-        logp = torch.log_softmax(process_logits(logits, cfg, seen).float(), dim=-1).cpu()
-        rows, new_tok, scores = _beam_step(scores, logp, history, finished, done, cfg, t)
-        if all(done):
-            break
-        for layer in cache:
-            layer.reorder(rows.to(device))
-        history = torch.cat([history[rows], new_tok[:, None]], dim=1)
-        step = new_tok[:, None].to(device)
-        if seen is not None:
-            seen = seen[rows.to(device)]
-            seen[torch.arange(b * k, device=device), step[:, 0]] = True
-        logits = model(step, attention_mask=batch.mask_upto(p + t + 1),
-                       position_ids=batch.step_positions(t), cache=cache,
-                       last_only=True).logits[:, -1]
-    return [_report(i, max(f, key=lambda h: h.score).tokens, on_token)
-            for i, f in enumerate(finished)]
+    def choose(logits: Tensor, t: int, history: Tensor) -> Tensor:
+        logits, rows_seen = inputs(logits, t, history)
+        return choose_tokens(logits, cfg, rows_seen, gens)
 
-
-def _beam_step(scores: Tensor, logp: Tensor, history: Tensor, finished: list[list[Hypothesis]],
-               done: list[bool], cfg: GenerationConfig, t: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One beam step: the rows (B*K,) to keep, their new tokens (B*K,) and scores (B, K)."""
-    b, k = scores.shape
-    vocab, last = logp.size(-1), t == cfg.max_new_tokens - 1
-    cand = (scores[:, :, None] + logp.view(b, k, vocab)).view(b, -1)  # (B, K*V)
-    top_s, top_i = cand.topk(min(2 * k, cand.size(1)), dim=-1)
-    rows = torch.arange(b).repeat_interleave(k) * k
-    new_tok = torch.zeros((b, k), dtype=torch.long)
-    new_scores = torch.full((b, k), float("-inf"))
-    lp = length_penalty(t + 1, cfg.length_penalty)
-    for i in range(b):
-        if done[i]:
-            continue
-        kept = 0
-        for s, idx in zip(top_s[i].tolist(), top_i[i].tolist(), strict=True):
-            if s == float("-inf") or kept == k:
-                break
-            beam, tok = divmod(idx, vocab)
-            if tok == cfg.eos_id or last:
-                finished[i].append(Hypothesis(history[i * k + beam].tolist() + [tok], s / lp, s))
-                if tok == cfg.eos_id:
-                    continue
-            else:
-                rows[i * k + kept], new_tok[i, kept], new_scores[i, kept] = i * k + beam, tok, s
-            kept += 1
-        done[i] = last or _is_done(finished[i], new_scores[i], k, cfg.max_new_tokens,
-                                   cfg.length_penalty)
-    return rows, new_tok.view(-1), new_scores
+    if beams > 1:
+        found = decode_beams(model, state, ids, limits, beams, log_probs, cfg.eos_id,
+                             cfg.length_penalty)
+        return [_report(i, f[0].tokens, on_token) for i, f in enumerate(found)]
+    gens = _generators(cfg, len(prompts), device)
+    return decode_steps(model, state, ids, limits, choose, cfg.eos_id, on_token)
 
 
 def _report(row: int, tokens: list[int], on_token: OnToken | None) -> list[int]:
@@ -537,7 +449,7 @@ def load_language_model(path: str | Path) -> tuple[nn.Module, Detokenizer]:
             raise UserError(f"{path} is neither a Hugging Face directory (config.json with a "
                             "model_type) nor a language-model run") from None
         model, tokenizer = load_model(path)
-    if not hasattr(model, "new_cache"):
+    if not hasattr(model, "step"):
         raise UserError(f"{path} holds a {type(model).__name__}, not a decoder-only language "
                         "model")
     return model, tokenizer

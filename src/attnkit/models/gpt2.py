@@ -121,6 +121,17 @@ class LMOutput:
         return self.past_key_values
 
 
+@dataclass
+class GPT2State:
+    """Incremental decoding: the key/value cache and every token fed so far (to re-encode the
+    window past the context). Columns: the left-padded prompts, then one per step."""
+
+    cache: list[KVCache]
+    ids: Tensor           # (B, P + N), the first ``length`` columns filled
+    mask: Tensor | None   # (B, P + N) True on real tokens; None when no row is padded
+    length: int = 0
+
+
 def left_pad_positions(attention_mask: Tensor) -> Tensor:
     """Position ids (B, S) for left-padded rows: ``cumsum(mask) - 1`` clamped at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -173,6 +184,52 @@ class GPT2(nn.Module):
         p = self.tok_embed.weight
         return [KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, p.dtype, p.device)
                 for _ in self.blocks]
+
+    # -- incremental decoding (the protocol of attnkit.decoding) --------------------------------
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+              max_new_tokens: int = 0) -> GPT2State:
+        """A cache for the prompts ``input_ids`` (B, P), left-padded where ``attention_mask``
+        (B, P) is 0, and ``max_new_tokens`` more tokens; the first step feeds the prompts."""
+        b, p = input_ids.shape
+        total = p + max_new_tokens
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = torch.ones((b, total), dtype=torch.bool, device=input_ids.device)
+            mask[:, :p] = attention_mask.bool()
+        ids = input_ids.new_zeros((b, total))
+        return GPT2State(self.new_cache(b, min(total, self.config.n_positions)), ids, mask)
+
+    def step(self, state: GPT2State, tokens: Tensor) -> tuple[Tensor, GPT2State]:
+        """Feed ``tokens`` (B, t): the logits of the last one (B, V) and the state.
+
+        Past the context (absolute positions end at ``n_positions``) the window slides: the
+        last ``n_positions`` tokens are re-encoded into the emptied cache, so each token is
+        predicted from at most the ``n_positions - 1`` tokens before it.
+        """
+        cache, t = state.cache, tokens.size(1)
+        first, end = state.length, state.length + t
+        state.ids[:, first:end] = tokens
+        state.length = end
+        if cache[0].length + t > cache[0].max_len:  # slide: re-encode the last max_len columns
+            first = end - cache[0].max_len
+            for layer in cache:
+                layer.length = 0
+        mask = positions = None
+        if state.mask is not None:
+            mask = state.mask[:, first - cache[0].length:end]  # (B, cached + fed columns)
+            positions = left_pad_positions(mask)[:, first - end:]  # (B, fed columns)
+        out = self(state.ids[:, first:end], attention_mask=mask, position_ids=positions,
+                   cache=cache, last_only=True)
+        return out.logits[:, -1], state
+
+    def reorder(self, state: GPT2State, index: Tensor) -> GPT2State:
+        """Keep rows ``index`` (B',) of the state: beam search's survivors."""
+        for layer in state.cache:
+            layer.reorder(index)
+        state.ids = state.ids.index_select(0, index)
+        if state.mask is not None:
+            state.mask = state.mask.index_select(0, index)
+        return state
 
     def _check(self, ids: Tensor, past: int, attention_mask: Tensor | None,
                position_ids: Tensor | None) -> None:

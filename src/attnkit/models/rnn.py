@@ -208,8 +208,9 @@ class RNNSeq2Seq(nn.Module):
     """RNN encoder-decoder; ``forward(input_ids, decoder_input_ids)`` gives next-token logits
     (B, T, V).
 
-    ``start(src, max_len)`` and ``step(tokens, state)`` decode incrementally
-    (:mod:`attnkit.decoding`); attention weights (B, 1, T, S) come back only when asked for.
+    ``start(src, max_len)``, ``step(state, tokens)`` and ``reorder(state, index)`` decode
+    incrementally (:mod:`attnkit.decoding`); attention weights (B, 1, T, S) come back only
+    when asked for.
     """
 
     def __init__(self, cfg: RNNConfig) -> None:
@@ -383,14 +384,19 @@ class RNNSeq2Seq(nn.Module):
         """Encode ``src``; an RNN needs no cache sized by ``max_len``."""
         return self.encode(src)
 
-    def step(self, tokens: Tensor, state: RNNState) -> Tensor:
-        """Feed the next ``tokens`` (B, t) and return the logits of the last one (B, V)."""
+    def step(self, state: RNNState, tokens: Tensor) -> tuple[Tensor, RNNState]:
+        """Feed the next ``tokens`` (B, t): the logits of the last one (B, V) and the state."""
         for i in range(tokens.size(1)):
             y = self.dropout(self.tgt_embed(tokens[:, i]))  # (B, E)
             h, ctx, _ = self._recur(y, state, need_weights=False)
         state.position += tokens.size(1)
         feats = state.feed if state.feed is not None else self._features(h, y, ctx)
-        return self.out_proj(self.dropout(feats))
+        return self.out_proj(self.dropout(feats)), state
+
+    def reorder(self, state: RNNState, index: Tensor) -> RNNState:
+        """Keep rows ``index`` (B',) of the state: beam search's survivors."""
+        state.reorder(index)
+        return state
 
 
 # ---- families for the recipes (entries of attnkit.models.SEQ2SEQ_MODELS) -------------------------

@@ -289,8 +289,8 @@ class Transformer(nn.Module):
                   for _ in self.decoder]
         return DecodeState(self.memory_kv(enc.memory), enc.mask, caches)
 
-    def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
-        """Feed the next ``tokens`` (B, t) and return the logits of the last one (B, V)."""
+    def step(self, state: DecodeState, tokens: Tensor) -> tuple[Tensor, DecodeState]:
+        """Feed the next ``tokens`` (B, t): the logits of the last one (B, V) and the state."""
         t, pos = tokens.size(1), state.position
         x = self._embed(self.tgt_embed, tokens, offset=pos)
         self_mask = causal_mask(t, pos + t, device=tokens.device)[None, None] if t > 1 else None
@@ -298,7 +298,12 @@ class Transformer(nn.Module):
             x = block(x, kv, self_mask=self_mask, memory_mask=state.memory_mask,
                       cache=cache).hidden
         state.position = pos + t
-        return self.out_proj(self.decoder_norm(x[:, -1]))
+        return self.out_proj(self.decoder_norm(x[:, -1])), state
+
+    def reorder(self, state: DecodeState, index: Tensor) -> DecodeState:
+        """Keep rows ``index`` (B',) of the state: beam search's survivors."""
+        state.reorder(index)
+        return state
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -157,6 +157,13 @@ class XLOutput:
         return self.attentions
 
 
+@dataclass
+class XLState:
+    """Incremental decoding: the memory per layer (B, M, C), None before the first step."""
+
+    mems: list[Tensor] | None = None
+
+
 class XLBlock(nn.Module):
     """Relative attention over [memory, segment], then (optionally) the feed-forward sublayer."""
 
@@ -280,6 +287,29 @@ class TransformerXL(nn.Module):
                         weights if need_weights else None,
                         None if labels is None else causal_lm_loss(logits, labels),
                         [*hiddens, x] if output_hidden_states else None)
+
+    # ---- incremental decoding (the protocol of attnkit.decoding) ---------------------------------
+    left_padding = False  # no attention mask: prompts of different lengths decode one at a time
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+              max_new_tokens: int = 0) -> XLState:
+        """An empty memory for the prompts ``input_ids`` (B, P), which must not be padded;
+        the first step feeds the prompts (one segment), every later one a token after the
+        memory (so nothing slides while the memory holds the whole text)."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise UserError("Transformer-XL has no attention mask: decode prompts of "
+                            "different lengths one at a time")
+        return XLState()
+
+    def step(self, state: XLState, tokens: Tensor) -> tuple[Tensor, XLState]:
+        """Feed ``tokens`` (B, t) after the memory: the logits of the last (B, V), the state."""
+        out = self(tokens, state.mems)
+        return out.logits[:, -1], XLState(out.mems)
+
+    def reorder(self, state: XLState, index: Tensor) -> XLState:
+        """Keep rows ``index`` (B',) of the memory: beam search's survivors."""
+        return XLState(None if state.mems is None else
+                       [m.index_select(0, index) for m in state.mems])
 
     # ---- adaptive span ---------------------------------------------------------------------------
     def spans(self) -> list[Tensor]:

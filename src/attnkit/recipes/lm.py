@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from attnkit.data.lm import (
     LMData,
@@ -33,6 +33,7 @@ from attnkit.data.lm import (
     truncate_documents,
 )
 from attnkit.errors import ConfigError, UserError
+from attnkit.generation import GenerationConfig, generate
 from attnkit.losses import token_nll
 from attnkit.models import LM_MODELS, build_lm
 from attnkit.recipes.run import read_run
@@ -155,80 +156,21 @@ def _prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
     return tok.encode(prompt) if prompt else [tok.eos_id]
 
 
-def _generation_config(cfg: SampleConfig, eos: int | None, seed: int):
-    from attnkit.generation import GenerationConfig
-
+def _generation_config(cfg: SampleConfig, eos: int | None, seed: int) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                             eos_id=eos, seed=seed)
 
 
-def _recompute_step(model: nn.Module, context: int) -> Callable[[list[int]], Tensor]:
-    """Next-token logits of any model: the whole (cropped) context recomputed per token."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-
-    def step(ids: list[int]) -> Tensor:
-        x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
-        return logits_of(model, x)[:, -1]
-    return step
-
-
-def _memory_step(model: nn.Module) -> Callable[[list[int]], Tensor]:
-    """Next-token logits of a Transformer-XL: the prompt is read once, then every new token is
-    a one-token segment after the memory (its mem_len positions), O(mem_len) a token."""
-    device = next(model.parameters()).device
-    state: dict[str, Any] = {"mems": None, "read": 0}
-
-    def step(ids: list[int]) -> Tensor:
-        x = torch.tensor([ids[state["read"]:]], dtype=torch.long, device=device)
-        out = model(x, state["mems"])
-        state.update(mems=out.mems, read=len(ids))
-        return out.logits[:, -1]
-    return step
-
-
-def _sample(step: Callable[[list[int]], Tensor], prompt: list[int], cfg: SampleConfig,
-            eos: int | None, seed: int) -> list[int]:
-    """New tokens after ``prompt`` from ``step``'s logits, with its own generator, chosen as
-    :mod:`attnkit.generation` chooses them."""
-    from attnkit.generation import choose_tokens
-
-    gen_cfg = _generation_config(cfg, eos, seed)
-    gens = [torch.Generator().manual_seed(seed)] if cfg.temperature > 0 else []
-    ids, out = list(prompt), []
-    for _ in range(cfg.max_new_tokens):
-        nxt = int(choose_tokens(step(ids).float().cpu(), gen_cfg, None, gens)[0])
-        if nxt == eos:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-    return out
-
-
-@torch.no_grad()
-def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig, context: int,
-                 memory: bool = False) -> list[str]:
-    """``cfg.n`` continuations of ``cfg.prompt`` (prompt included), sample i seeded seed + i.
-
-    Cached generation (:mod:`attnkit.generation`) when the model has a cache and prompt plus new
-    tokens fit its context; with ``memory`` (a Transformer-XL trained with memory) one token at
-    a time after the memory; otherwise a sliding context of ``context`` tokens, recomputed.
-    """
-    from attnkit.generation import generate
-
+def sample_texts(model: nn.Module, tok: Tokenizer, cfg: SampleConfig) -> list[str]:
+    """``cfg.n`` continuations of ``cfg.prompt`` (prompt included), sample i seeded seed + i,
+    by :func:`attnkit.generation.generate` (past a GPT-2's context the window slides; a
+    Transformer-XL reads one token at a time after its memory)."""
+    if not cfg.n:
+        return []
     prompt = _prompt_ids(tok, cfg.prompt)
-    texts = []
-    n_positions = getattr(getattr(model, "config", None), "n_positions", 0)
-    cached = hasattr(model, "new_cache") and len(prompt) + cfg.max_new_tokens <= n_positions
-    for i in range(cfg.n):
-        if cached:
-            new = generate(model, [prompt], _generation_config(cfg, tok.eos_id, cfg.seed + i))[0]
-            new = [t for t in new if t != tok.eos_id]
-        else:
-            step = _memory_step(model) if memory else _recompute_step(model, context)
-            new = _sample(step, prompt, cfg, tok.eos_id, cfg.seed + i)
-        texts.append(cfg.prompt + tok.decode(new))
-    return texts
+    rows = generate(model, [prompt] * cfg.n, _generation_config(cfg, tok.eos_id, cfg.seed))
+    return [cfg.prompt + tok.decode([t for t in new if t != tok.eos_id]) for new in rows]
 
 
 def show_samples(texts: list[str], run_dir: Path, step: int | None) -> None:
@@ -260,7 +202,7 @@ def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: LMRunConfig, run_dir
         result = score(model, batches, chars)
         if cfg.sample.n:
             step = windows.index // max(1, cfg.train.accum_steps)
-            show_samples(sample_texts(model, tok, cfg.sample, cfg.block_size), run_dir, step)
+            show_samples(sample_texts(model, tok, cfg.sample), run_dir, step)
         return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpc": result.bpc}
     return evaluate
 
@@ -297,7 +239,7 @@ def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest
             stream, cfg.block_size, cfg.eval.batch_size, cfg.eval.stride), chars).as_dict(),
             "stride": cfg.eval.stride}
     if cfg.sample.n:
-        results["samples"] = sample_texts(model, tok, cfg.sample, cfg.block_size)
+        results["samples"] = sample_texts(model, tok, cfg.sample)
         show_samples(results["samples"], run_dir, None)
     write_json_atomic(run_dir / "results.json", results)
     for name in ("val", "val_sliding"):

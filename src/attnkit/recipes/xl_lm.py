@@ -140,7 +140,7 @@ def make_evaluate(tok: Tokenizer, val_docs: list[str], cfg: XLLMConfig, run_dir:
         result = evaluate_bpc(model, stream, seg, mem, cfg.eval.batch_size, chars)
         if cfg.sample.n:
             step = segments.index // max(1, cfg.train.accum_steps)
-            texts = sample_texts(model, tok, cfg.sample, cfg.seg_len, memory=True)
+            texts = sample_texts(model, tok, cfg.sample)
             show_samples(texts, run_dir, step)
         return {"val_loss": result.loss, "val_bpc": result.bpc}
     return evaluate
@@ -200,7 +200,7 @@ def final_report(run_dir: Path, cfg: XLLMConfig) -> dict:
                          "seg_len": seg, "seconds": round(time.perf_counter() - start, 2)}
         print(f"{name}: {r.bpc:.4f} bits per character (memory {m}, segments of {seg})")
     if cfg.sample.n:
-        results["samples"] = sample_texts(model, tok, cfg.sample, cfg.seg_len, memory=True)
+        results["samples"] = sample_texts(model, tok, cfg.sample)
         show_samples(results["samples"], run_dir, None)
     spans = span_report(model, cfg.seg_len)
     if spans:
