@@ -199,8 +199,9 @@ def window_note(model: nn.Module, prompt_lengths: Sequence[int], cfg: Generation
     longest = max(prompt_lengths, default=0)
     if context is None or cfg.truncate or longest + cfg.max_new_tokens <= context:
         return None
-    return (f"{longest} prompt + {cfg.max_new_tokens} new tokens exceed the model's context of "
-            f"{context}: the window slides (each token sees the last {context - 1} before it)")
+    return (f"a {longest}-token prompt and {cfg.max_new_tokens} new tokens exceed the model's "
+            f"context of {context}: the window slides (each new token is predicted from the last "
+            f"{context})")
 
 
 def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:

@@ -203,8 +203,8 @@ class GPT2(nn.Module):
         """Feed ``tokens`` (B, t): the logits of the last one (B, V) and the state.
 
         Past the context (absolute positions end at ``n_positions``) the window slides: the
-        last ``n_positions`` tokens are re-encoded into the emptied cache, so each token is
-        predicted from at most the ``n_positions - 1`` tokens before it.
+        newest token and the ``n_positions - 1`` before it are re-encoded into the emptied
+        cache, so the next token is predicted from the last ``n_positions``.
         """
         cache, t = state.cache, tokens.size(1)
         first, end = state.length, state.length + t
