@@ -219,7 +219,7 @@ class GPT2(nn.Module):
             mask = state.mask[:, first - cache[0].length:end]  # (B, cached + fed columns)
             positions = left_pad_positions(mask)[:, first - end:]  # (B, fed columns)
         out = self(state.ids[:, first:end], attention_mask=mask, position_ids=positions,
-                   cache=cache, last_only=True)
+                   past_key_values=cache, last_only=True)
         return out.logits[:, -1], state
 
     def reorder(self, state: GPT2State, index: Tensor) -> GPT2State:
