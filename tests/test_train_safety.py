@@ -231,3 +231,45 @@ def test_a_binary_corpus_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert f"{corpus} looks binary" in line, line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_agree_on_the_stop_and_resume_bitwise(tmp_path):
+    """SIGINT to rank 1 alone: both ranks stop after the same step and save it together."""
+    script = Path(__file__).resolve().parent / "_train_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--standalone", str(script), "--steps", "12", "--accum", "2", "--rows", "6",
+            "--save-every", "100"]
+    ref = subprocess.Popen([*base, "--run-dir", str(tmp_path / "ref"), "--out",
+                            str(tmp_path / "ref.st")], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    victim = subprocess.Popen([*base, "--delay", "0.2", "--run-dir", str(run), "--out",
+                               str(tmp_path / "x.st")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    wait_for_steps(run, victim, 3)
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(victim.pid)],
+                             capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    ranks = {}
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks[int(next(e for e in environ if e.startswith(b"RANK="))[5:])] = int(pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGINT)
+    _, err = victim.communicate(timeout=300)
+    assert victim.returncode != 0 and not (tmp_path / "x.st").exists()
+    assert "Interrupted: stopped by SIGINT" in err, err[-3000:]
+    saved = latest_checkpoint(run)
+    state = load_state(saved)
+    step = state["step"]
+    assert 3 <= step < 12 and saved.name == f"step-{step:06d}.safetensors"
+    assert len(state["rng"]) == 2  # both ranks took part in the save
+    res = subprocess.run([*base, "--run-dir", str(run), "--out", str(tmp_path / "res.st")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {saved} (step {step})" in res.stderr
+    _, ref_err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_err[-3000:]
+    _assert_same_weights(load_file(tmp_path / "ref.st"), load_file(tmp_path / "res.st"))
