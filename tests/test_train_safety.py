@@ -90,7 +90,8 @@ def test_ctrl_c_saves_the_step_reached_and_resume_ends_bitwise_equal(tmp_path):
     assert logged[:steps] == list(range(1, steps + 1))
 
 
-def test_a_second_ctrl_c_during_the_save_changes_nothing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_ctrl_c_during_the_save_changes_nothing(first, tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     ref = _model()
     fit(ref, loss_fn, RandomBatches(seed=2), _cfg(steps=7, save_every=5), tmp_path / "ref",
@@ -99,8 +100,8 @@ def test_a_second_ctrl_c_during_the_save_changes_nothing(tmp_path, monkeypatch, 
 
     def interrupted_loss(m, b):
         calls["n"] += 1
-        if calls["n"] == 3:  # Ctrl-C during step 3
-            os.kill(os.getpid(), signal.SIGINT)
+        if calls["n"] == 3:  # Ctrl-C (or a SIGTERM) during step 3
+            os.kill(os.getpid(), first)
         return loss_fn(m, b)
 
     real_save_weights = checkpoint.save_weights
@@ -110,13 +111,14 @@ def test_a_second_ctrl_c_during_the_save_changes_nothing(tmp_path, monkeypatch, 
         return real_save_weights(*args, **kw)
 
     monkeypatch.setattr(checkpoint, "save_weights", save_weights)
-    handler = signal.getsignal(signal.SIGINT)
+    handler, term_handler = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as info:
         fit(_model(), interrupted_loss, RandomBatches(seed=2), _cfg(steps=7, save_every=5),
             tmp_path / "run", progress=False)
     monkeypatch.undo()
-    assert (info.value.step, info.value.signum) == (3, signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    assert (info.value.step, info.value.signum) == (3, first)
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handlers are back
+    assert signal.getsignal(signal.SIGTERM) is term_handler
     saved = latest_checkpoint(tmp_path / "run")
     assert saved.name == "step-000003.safetensors" and load_state(saved)["step"] == 3
     capsys.readouterr()
