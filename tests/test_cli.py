@@ -499,18 +499,35 @@ def test_run_dir_that_is_not_a_run_is_refused(tmp_path: Path, monkeypatch: pytes
     assert snapshot(tmp_path) == before
 
 
-def test_resume_from_damaged_checkpoint_is_refused(
+def test_resume_from_damaged_checkpoint_falls_back_or_is_refused(
         copy_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # The newest complete checkpoint that reads back whole is resumed (the damaged newer one
+    # named in one line); when every checkpoint is damaged, resume is refused.
     monkeypatch.chdir(tmp_path)
     run, latest, damaged = _damaged_copy(copy_run, tmp_path, "corrupt")
     record = json.loads((run / "config.json").read_text())
     record["config"]["run_dir"] = str(run)  # the copy is its own run (run_dir is recorded)
     (run / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    older = run / "checkpoints" / "step-000005.safetensors"
+    older_bytes = older.read_bytes()
+    older.write_bytes(older_bytes[:100])
     before = snapshot(run)
     cli_error(capsys, copy_args(run), "step-000010.safetensors", "corrupt or truncated",
               only_line=False)
     assert snapshot(run) == before
+    older.write_bytes(older_bytes)
+    capsys.readouterr()
+    assert main([str(a) for a in copy_args(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"attnkit: skipping corrupt or truncated checkpoint {latest}" in err
+    assert f"resuming from {older} (step 5)" in err
+    from safetensors.torch import load_file
+
+    original = load_file(copy_run[0] / "checkpoints" / "step-000010.safetensors")
+    again = load_file(latest)  # retrained from step 5: the very same weights
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
 
 
 @pytest.mark.parametrize("content", ["[]", '{"recipe": "copy"}'])

@@ -1,4 +1,5 @@
-"""The `attnkit` command: train, eval, translate, generate, export, download, recipes, energy, viz.
+"""The `attnkit` command: train, resume, eval, translate, generate, export, download, recipes,
+energy, viz.
 
 Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
 """
@@ -6,14 +7,17 @@ Bad input ends with a one-line message on stderr and exit code 2, never a traceb
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from attnkit import __version__
-from attnkit.errors import UserError
+from attnkit.errors import Interrupted, UserError
 
 EPILOG = """examples:
   attnkit train math-demo
+  attnkit resume runs/math-demo-20261124-101500
   attnkit train translate --set data.dir=data/multi30k --set data.src=de --set data.tgt=en
   attnkit train math --set data.modules='["arithmetic__mul"]' --set train.steps=5000
   attnkit train copy --set data.task=reverse --set arch.d_model=64
@@ -31,7 +35,8 @@ EPILOG = """examples:
 --set takes dotted keys of the recipe's config (see `attnkit recipes --show NAME`); values
 are JSON when they parse (numbers, true/false, lists) and strings otherwise. `arch.*` keys
 override the model preset (d_model, n_heads, n_encoder_layers, ...). An existing run_dir
-resumes its run exactly where it stopped.
+resumes its run exactly where it stopped; `attnkit resume RUN` does so with the recipe and
+config RUN records. Ctrl-C (or SIGTERM) finishes the step and saves a checkpoint first.
 """
 
 
@@ -47,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", metavar="FILE", help="JSON file of config values")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value (repeatable)")
+
+    rs = sub.add_parser("resume", help="continue an interrupted run (its recipe and config)")
+    rs.add_argument("run", help="run directory")
 
     e = sub.add_parser("eval", help="evaluate a trained run on its recipe's test sets")
     e.add_argument("run", help="run directory")
@@ -102,8 +110,27 @@ def _train(args: argparse.Namespace) -> None:
     from attnkit.recipes import get_recipe, resolve_config
 
     recipe = get_recipe(args.recipe)
-    cfg = resolve_config(recipe, args.config, args.overrides)
-    recipe.main(cfg, recipe=recipe.name)
+    _run_recipe(recipe, resolve_config(recipe, args.config, args.overrides))
+
+
+def _resume(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from attnkit.recipes import config_of_run
+    from attnkit.recipes.run import read_run
+
+    recipe, cfg = config_of_run(read_run(args.run))
+    _run_recipe(recipe, replace(cfg, run_dir=args.run))
+
+
+def _run_recipe(recipe: Any, cfg: Any) -> None:
+    """Train (or resume) ``cfg.run_dir``; the run lock is given up when the recipe ends."""
+    from attnkit import runlock
+
+    try:
+        recipe.main(cfg, recipe=recipe.name)
+    finally:
+        runlock.release_all()
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -287,7 +314,7 @@ def _viz(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
             "energy": _energy, "viz": _viz, "generate": _generate, "export": _export,
-            "download": _download}
+            "download": _download, "resume": _resume}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"attnkit: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # training saved a checkpoint first
+        print(f"attnkit: {err}; continue with: attnkit resume {shlex.quote(err.run_dir)}",
+              file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print("attnkit: interrupted (an existing run_dir resumes from its last checkpoint)",
               file=sys.stderr)

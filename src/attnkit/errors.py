@@ -13,3 +13,14 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value or key."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after finishing its step and saving a checkpoint."""
+
+    def __init__(self, run_dir: str, step: int, signum: int):
+        import signal
+
+        self.run_dir, self.step, self.signum = run_dir, step, signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         f"checkpoint saved in {run_dir}")

@@ -1,7 +1,8 @@
 """Reading users' text files robustly: UTF-8 (optionally gzipped), one-line errors.
 
-A missing file, a directory, an empty file, a corrupt gzip stream or bytes that are not UTF-8
-raise :class:`attnkit.errors.UserError` naming the file (and the line, for bad UTF-8).
+A missing file, a directory, an empty file, a binary file (NUL bytes near the start), a
+corrupt gzip stream or bytes that are not UTF-8 raise :class:`attnkit.errors.UserError`
+naming the file (and the line, for bad UTF-8).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import zlib
 from pathlib import Path
 
 from attnkit.errors import UserError
+
+BINARY_PROBE = 8192  # bytes looked at for a NUL
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -38,6 +41,9 @@ def read_text(path: str | Path) -> str:
     data = _read_bytes(path)
     if not data:
         raise UserError(f"file is empty: {path}")
+    if b"\0" in data[:BINARY_PROBE]:  # text never holds NUL bytes; binary formats do
+        raise UserError(f"{path} looks binary, not UTF-8 text (NUL bytes in its first "
+                        f"{min(len(data), BINARY_PROBE)} bytes)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

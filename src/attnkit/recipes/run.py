@@ -18,6 +18,7 @@ from torch import nn
 
 from attnkit.config import from_dict, to_dict
 from attnkit.errors import ConfigError, UserError
+from attnkit.runlock import lock_run
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import write_json_atomic
 
@@ -83,6 +84,7 @@ def setup_run(recipe: str, cfg: Any, create: Callable[[Path], tuple[Any, nn.Modu
     run_dir: Path | None = None
     if rank == 0:
         run_dir = prepare_run_dir(recipe, cfg)
+        lock_run(run_dir)  # one training per run directory, held until the process ends
         print(f"run directory: {run_dir}", file=sys.stderr)
     run_dir = Path(dist.all_gather_object(str(run_dir))[0])
     for turn in (0, 1):

@@ -156,8 +156,13 @@ def load_weights(path: str | Path, model: nn.Module | None = None) -> dict[str, 
     """
     path = Path(path)
     tensors = _read_safetensors(path)
-    if model is None:
-        return tensors
+    if model is not None:
+        load_tensors(model, tensors, path)
+    return tensors
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load tensors read from the checkpoint ``path`` into ``model`` (strict, shape-checked)."""
     target = _unwrap(model).state_dict()
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))
@@ -171,7 +176,6 @@ def load_weights(path: str | Path, model: nn.Module | None = None) -> dict[str, 
                             f"{tuple(tensors[key].shape)} in the file, {tuple(t.shape)} in the "
                             "model")
     _unwrap(model).load_state_dict(tensors, strict=True)
-    return tensors
 
 
 # ---- training state --------------------------------------------------------------------------
@@ -219,6 +223,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The weights path of the newest complete checkpoint (weights and state), or None."""
     found = _complete_steps(run_dir)
     return found[-1][1] if found else None
+
+
+def load_latest(run_dir: str | Path
+                ) -> tuple[Path, dict, dict[str, torch.Tensor], list[str]] | None:
+    """The newest complete checkpoint that reads back whole, for a resume.
+
+    Returns (weights path, state, tensors, skipped) where ``skipped`` has one line for each newer
+    checkpoint passed over because a file of it is corrupt or truncated; None when the run has
+    no complete checkpoint. Raises the newest one's :class:`UserError` when every one is damaged.
+    """
+    skipped: list[str] = []
+    newest_error: UserError | None = None
+    for _, path in reversed(_complete_steps(run_dir)):
+        try:
+            state = load_state(path)
+            tensors = _read_safetensors(path)
+        except UserError as err:
+            newest_error = newest_error or err
+            skipped.append(f"skipping {err}")
+            continue
+        return path, state, tensors, skipped
+    if newest_error is not None:
+        raise newest_error
+    return None
 
 
 def load_run_weights(run_dir: str | Path, model: nn.Module,

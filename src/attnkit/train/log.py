@@ -2,7 +2,8 @@
 
 ``run_dir/metrics.jsonl`` holds one JSON object per line, either a training record
 ``{"step", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed"}`` or an evaluation record
-``{"step", "eval": {...}}``. Only rank 0 writes.
+``{"step", "eval": {...}}``. Only rank 0 writes. Every line is standard JSON: a non-finite
+number (NaN, infinity) is written as ``null``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,22 @@ from attnkit.progress import progress_bar
 from attnkit.train.checkpoint import atomic_path, write_text_atomic
 
 METRICS = "metrics.jsonl"
+
+
+def _standard(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _standard(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_standard(v) for v in obj]
+    return obj
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One metrics record as a line of standard JSON."""
+    return json.dumps(_standard(record), allow_nan=False) + "\n"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -56,7 +73,7 @@ class RunLog:
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
-        write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.run_dir / METRICS, "".join(map(_json_line, kept)))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (flushed at once, so a kill loses at most the line being written)."""
@@ -64,7 +81,7 @@ class RunLog:
             return
         if self._file is None:
             self._file = open(self.run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
         if self._tb is not None:
             step = record["step"]
@@ -111,8 +128,9 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
 
-    evals = [(r["step"], r["eval"]) for r in records if isinstance(r.get("eval"), dict)]
-    keys = sorted({k for _, e in evals for k, v in e.items() if isinstance(v, (int, float))})
+    evals = [(r["step"], {k: v for k, v in r["eval"].items() if isinstance(v, (int, float))})
+             for r in records if isinstance(r.get("eval"), dict)]  # null: not finite
+    keys = sorted({k for _, e in evals for k in e})
     fig = Figure(figsize=(6.4, 4.0 if not keys else 6.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if keys else 1, 1, 1)

@@ -6,7 +6,12 @@ the accumulated gradient by the total token count over all micro-batches and all
 update is the same whether a batch is split into micro-batches, data-parallel shards, or
 neither. Then: gradient clipping by global norm, the optimiser and scheduler steps, logging,
 evaluation and checkpoints. Resuming from a checkpoint restores weights, optimiser, schedule,
-RNG states and the data position, so a resumed run ends bitwise equal to an uninterrupted one.
+RNG states and the data position, so a resumed run ends bitwise equal to an uninterrupted one;
+a newest checkpoint that is damaged is skipped (with a note) for the newest whole one.
+
+SIGINT or SIGTERM (Ctrl-C) finishes the current step, writes a checkpoint and raises
+:class:`attnkit.errors.Interrupted`. A non-finite loss or gradient norm stops training with a
+one-line :class:`UserError` before the update, so no diverged weights are ever saved.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,9 +35,9 @@ from torch import nn
 from attnkit.config import to_dict
 from attnkit.energy.account import RunEnergy
 from attnkit.energy.config import EnergyConfig
-from attnkit.errors import ConfigError, UserError
+from attnkit.errors import ConfigError, Interrupted, UserError
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from attnkit.train.checkpoint import latest_checkpoint, load_latest, load_tensors, save_checkpoint
 from attnkit.train.log import Progress, RunLog, plot_loss
 from attnkit.train.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -158,6 +165,8 @@ class _Run:
     last_save: int = -1
     energy: RunEnergy | None = None
     checkpoint_energy: dict | None = None  # the energy totals a resumed checkpoint holds
+    signal: int = 0  # the first SIGINT / SIGTERM received on this rank (0: none)
+    stop: bool = False  # some rank received one: every rank stops after this step
 
     def state(self, rngs: list, data: list | None = None) -> dict[str, Any]:
         """The resumable state; ``data``: every rank's stream state when they differ (a
@@ -176,14 +185,19 @@ class _Run:
 
 def _restore(run: _Run, resume: bool) -> str | None:
     """Load the newest complete checkpoint into ``run``; return its path (None: fresh start)."""
-    path = latest_checkpoint(run.run_dir)
-    if path is None:
+    if latest_checkpoint(run.run_dir) is None:
         return None
     if not resume:
         raise UserError(f"{run.run_dir} already holds checkpoints; resume, or use a new run "
                         "directory")
-    state = load_state(path)
-    load_weights(path, run.raw)
+    found = load_latest(run.run_dir)
+    if found is None:
+        return None
+    path, state, tensors, skipped = found
+    if run.rank == 0:
+        for line in skipped:  # a newer checkpoint is damaged: resume from the newest whole one
+            print(f"attnkit: {line}", file=sys.stderr, flush=True)
+    load_tensors(run.raw, tensors, path)
     try:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
@@ -217,7 +231,7 @@ def _train_step(run: _Run, loss_fn: LossFn, it: Iterator) -> tuple[float, float,
     micro = [next(it) for _ in range(run.cfg.accum_steps)]
     seen = sum(int(b.n_tokens) for b in micro)
     device = _device(run.raw)
-    local = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) on this rank
+    local = torch.zeros(3, dtype=torch.float64)  # (loss sum, token count, signal) on this rank
     for i, batch in enumerate(micro):
         if run.world > 1:
             batch = batch.shard(run.rank, run.world)
@@ -227,17 +241,57 @@ def _train_step(run: _Run, loss_fn: LossFn, it: Iterator) -> tuple[float, float,
         with sync:
             loss_sum, n = loss_fn(run.model, batch)
             loss_sum.backward()
-        local += torch.tensor([loss_sum.detach().double().item(), float(n)], dtype=torch.float64)
+        local[:2] += torch.tensor([loss_sum.detach().double().item(), float(n)],
+                                  dtype=torch.float64)
+    local[2] = float(run.signal > 0)
     total = dist.all_reduce_sum(local)
+    run.stop = run.stop or total[2].item() > 0
+    if not math.isfinite(total[0].item()):
+        raise _diverged(run, "loss", total[0].item())
     scale = run.world / max(total[1].item(), 1.0)
     params = [p for p in run.raw.parameters() if p.grad is not None]
     for p in params:
         p.grad.mul_(scale)
     clip = run.cfg.clip_norm if run.cfg.clip_norm > 0 else math.inf  # inf: norm only, grads x1
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item() if params else 0.0
+    if not math.isfinite(grad_norm):
+        raise _diverged(run, "gradient norm", grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return total[0].item(), total[1].item(), seen, grad_norm
+
+
+def _diverged(run: _Run, what: str, value: float) -> UserError:
+    """The one-line stop for a non-finite loss or gradient (raised before the update, so the
+    diverged weights are never saved)."""
+    cfg = run.cfg
+    clip = (f"lower train.clip_norm (now {cfg.clip_norm:g})" if cfg.clip_norm > 0
+            else "enable clipping (train.clip_norm=1)")
+    kept = (f"its last good checkpoint (step {run.last_save}) is kept" if run.last_save > 0
+            else "no checkpoint was written")
+    return UserError(f"training diverged: the {what} at step {run.step + 1} is {value}; lower "
+                     f"train.optim.lr (now {cfg.optim.lr:g}) or {clip} in a new run_dir; "
+                     f"{kept}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: _Run) -> Iterator[None]:
+    """While training, SIGINT and SIGTERM ask for a stop after the current step (so a second
+    Ctrl-C cannot break into the checkpoint being written); outside the main thread Python
+    cannot handle signals, and they keep their handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: object) -> None:
+        run.signal = run.signal or signum
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _evaluate(run: _Run, evaluate: EvalFn, log: RunLog) -> None:
@@ -311,6 +365,10 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
             _evaluate(run, evaluate, log)
         if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps:
             _save(run)
+        if run.stop or (run.world == 1 and run.signal):  # one process needs no agreement
+            if run.last_save != run.step:
+                _save(run)
+            raise Interrupted(str(run.run_dir), run.step, run.signal or signal.SIGTERM)
 
 
 def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
@@ -350,14 +408,15 @@ def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
     raw.train()
     run.energy = RunEnergy(cfg.energy, run.run_dir, rank, dist.all_gather_object,
                            run.checkpoint_energy)
-    try:
-        _loop(run, loss_fn, evaluate, log, bar)
-        bar.close()
-        energy = run.energy.finish(run.step, run.tokens, run.metrics)
-    finally:
-        bar.close()
-        log.close()
-        run.energy.abort(run.step, run.tokens, world)  # after a failure only
+    with _stop_on_signals(run):
+        try:
+            _loop(run, loss_fn, evaluate, log, bar)
+            bar.close()
+            energy = run.energy.finish(run.step, run.tokens, run.metrics)
+        finally:
+            bar.close()
+            log.close()
+            run.energy.abort(run.step, run.tokens, world)  # after a failure only
     if rank == 0:
         plot_loss(run.run_dir)
     dist.barrier()
