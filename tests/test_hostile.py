@@ -181,7 +181,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return paths
 
 
-TWO_TOKENS = ["--max-new-tokens", "2"]  # what a tiny model can generate: only the hostile part fails
+TWO_TOKENS = ["--max-new-tokens", "2"]  # a tiny model can: only the hostile part fails
+
 # ---- the table ----------------------------------------------------------------------------------
 CASES: dict[str, list[str]] = {
     # train: names, numbers, config files, data files, run directories
@@ -202,6 +203,7 @@ CASES: dict[str, list[str]] = {
     "train-run-dir-under-a-file": ["train", "copy", *_sets([*COPY, "run_dir={afile}/run"])],
     "train-run-dir-unwritable": ["train", "copy", *_sets([*COPY, "run_dir={locked}/run"])],
     "train-run-dir-foreign": ["train", "copy", *_sets([*COPY, "run_dir={folder}"])],
+    "train-run-dir-corrupt-config": ["train", "copy", *_sets([*COPY, "run_dir={run_bad_config}"])],
     "train-run-dir-other-run": ["train", "copy", *_sets([*COPY, "run_dir={lm}"])],
     # eval: not a run, damaged runs
     "eval-missing": ["eval", "{nope}"],
@@ -390,30 +392,47 @@ def test_a_bug_still_shows_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
         main(["recipes"])
 
 
-def test_a_full_disk_is_one_line(monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture) -> None:
-    import errno
-
+@pytest.mark.parametrize(("failure", "line"), [
+    (OSError(28, "No space left on device", "runs/x/step-000001.safetensors"),
+     "no space left on device: runs/x/step-000001.safetensors"),
+    (PermissionError(13, "Permission denied", "/tmp/.x.tmp", None, "plots/loss.png"),
+     "permission denied: plots/loss.png"),  # a rename names the user's path, not the temporary
+    (UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"),
+     "text is not valid UTF-8: 'utf-8' codec can't decode byte 0xff in position 2: invalid "
+     "start byte"),
+])
+def test_failures_deep_inside_a_command_are_one_line(failure: Exception, line: str,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
     import attnkit.cli as cli
 
-    def full(args: object) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/step-000001.safetensors")
+    def command(args: object) -> None:
+        raise failure
 
-    monkeypatch.setitem(cli.COMMANDS, "recipes", full)
+    monkeypatch.setitem(cli.COMMANDS, "recipes", command)
     capsys.readouterr()
-    message = one_line_error(main(["recipes"]), capsys.readouterr().err)
-    assert message == ("attnkit: error: no space left on device: "
-                       "runs/x/step-000001.safetensors")
+    assert one_line_error(main(["recipes"]), capsys.readouterr().err) == f"attnkit: error: {line}"
 
 
 # ---- security --------------------------------------------------------------------------------
-def test_shard_names_are_confined_to_the_model_folder(world: dict[str, str]) -> None:
+def test_shard_names_are_confined_to_the_model_folder(world: dict[str, str],
+                                                      tmp_path: Path) -> None:
     # the same shards, named inside the folder, load: only the escape is refused
     assert from_pretrained(world["hf_sharded"]).model is not None
     assert main(["generate", world["hf_sharded"], "the", *TWO_TOKENS]) == 0
     for name in ("hf_escape", "hf_symlink"):
         with pytest.raises(UserError, match="leads outside"):
             from_pretrained(world[name])
+    absolute = tmp_path / "absolute"
+    shutil.copytree(world["hf_sharded"], absolute)
+    index = absolute / "model.safetensors.index.json"
+    record = json.loads(index.read_text(encoding="utf-8"))
+    outside = str(Path(world["outside"]) / "model-2.safetensors")
+    record["weight_map"] = {k: outside if v == "model-2.safetensors" else v
+                            for k, v in record["weight_map"].items()}
+    index.write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(UserError, match="leads outside"):
+        from_pretrained(absolute)
 
 
 def test_hub_cache_links_into_its_blobs_are_followed(world: dict[str, str],
