@@ -335,6 +335,7 @@ def test_hostile_input(case: str, world: dict[str, str], tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "the working directory changed"
     assert not (root / "PWNED").exists(), "the pickle's payload ran"
     assert "weights_only=False" not in message
+    assert ".tmp" not in message, "the message names a temporary file, not the user's path"
 
 
 # ---- what each refusal says (the reasons, not only the shape) ------------------------------------
@@ -346,6 +347,8 @@ def test_hostile_input(case: str, world: dict[str, str], tmp_path: Path,
     ("train-run-dir-unwritable", ("{locked}",)),
     ("download-dir-is-a-file", ("afile",)),
     ("energy-report-plot-folder", ("folder",)),
+    ("viz-output-folder", ("cannot write", "folder: is a directory")),
+    ("viz-png-folder", ("cannot write", "folder: is a directory")),
     ("generate-hf-no-weight-map", ("weight_map",)),
     ("generate-hf-weight-map-types", ("weight_map",)),
     ("generate-hf-missing-shard", ("model-2.safetensors", "missing")),
