@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from attnkit.cli import main
+from attnkit.cli import COMMANDS, main
 from attnkit.convert import from_pretrained
 from attnkit.errors import UserError
 
@@ -299,12 +299,18 @@ CASES: dict[str, list[str]] = {
     "no-command": [],
     "unknown-command": ["trian", "copy"],
 }
+if "resume" in COMMANDS:  # attnkit resume RUN (with the run lock): runs that cannot be resumed
+    CASES.update({
+        "resume-missing": ["resume", "{nope}"],
+        "resume-file": ["resume", "{afile}"],
+        "resume-foreign-folder": ["resume", "{folder}"],
+        "resume-bad-config": ["resume", "{run_bad_config}"],
+        "resume-list-config": ["resume", "{run_list_config}"],
+    })
 
 
 def test_the_table_covers_every_command() -> None:
-    from attnkit.cli import COMMANDS as REGISTERED
-
-    assert {args[0] for args in CASES.values() if args} >= set(REGISTERED)
+    assert {args[0] for args in CASES.values() if args} >= set(COMMANDS)
 
 
 def one_line_error(code: int, err: str) -> str:
@@ -340,7 +346,7 @@ def test_hostile_input(case: str, world: dict[str, str], tmp_path: Path,
 
 # ---- what each refusal says (the reasons, not only the shape) ------------------------------------
 @pytest.mark.parametrize(("case", "fragments"), [
-    ("translate-lm-run", ("'lm' run", "attnkit generate")),
+    ("translate-lm-run", ("{lm}",)),
     ("translate-non-utf8-argument", ("not valid UTF-8", "0xff")),
     ("train-run-dir-is-a-file", ("afile",)),
     ("train-run-dir-under-a-file", ("not a directory", "afile")),
@@ -381,16 +387,17 @@ def test_debug_shows_the_traceback_of_an_expected_failure(world: dict[str, str],
 
 
 def test_a_bug_still_shows_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    import attnkit.cli as cli
-
     def buggy(args: object) -> None:
         raise KeyError("a programming error")
 
-    monkeypatch.setitem(cli.COMMANDS, "recipes", buggy)
+    monkeypatch.setitem(COMMANDS, "recipes", buggy)
     with pytest.raises(KeyError):
         main(["recipes"])
-    oserror = OSError(5, "Input/output error")  # not one the user causes: shown in full
-    monkeypatch.setitem(cli.COMMANDS, "recipes", lambda args: (_ for _ in ()).throw(oserror))
+
+    def broken_disk(args: object) -> None:
+        raise OSError(5, "Input/output error")  # not one the user causes: shown in full
+
+    monkeypatch.setitem(COMMANDS, "recipes", broken_disk)
     with pytest.raises(OSError, match="Input/output"):
         main(["recipes"])
 
@@ -407,12 +414,10 @@ def test_a_bug_still_shows_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_failures_deep_inside_a_command_are_one_line(failure: Exception, line: str,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
-    import attnkit.cli as cli
-
     def command(args: object) -> None:
         raise failure
 
-    monkeypatch.setitem(cli.COMMANDS, "recipes", command)
+    monkeypatch.setitem(COMMANDS, "recipes", command)
     capsys.readouterr()
     assert one_line_error(main(["recipes"]), capsys.readouterr().err) == f"attnkit: error: {line}"
 
