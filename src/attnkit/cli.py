@@ -1,19 +1,21 @@
 """The `attnkit` command: train, resume, eval, translate, generate, export, download, recipes,
 energy, viz.
 
-Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
+Bad input ends with a one-line message on stderr and exit code 2, never a traceback: :func:`main`
+is the one place that turns expected failures into that line (:func:`expected_failure`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from attnkit import __version__
-from attnkit.errors import Interrupted, UserError
+from attnkit.errors import Interrupted, UserError, os_error_message
 
 EPILOG = """examples:
   attnkit train math-demo
@@ -40,8 +42,15 @@ config RUN records. Ctrl-C (or SIGTERM) finishes the step and saves a checkpoint
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"attnkit: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="attnkit", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="The Transformer and the attention family from scratch in PyTorch.")
     p.add_argument("--version", action="version", version=f"attnkit {__version__}")
@@ -149,7 +158,11 @@ def _translate(args: argparse.Namespace) -> None:
     from attnkit.recipes.seq2seq import decode_texts, load_model
     from attnkit.tokenizers import Tokenizer
 
-    _, cfg = config_of_run(read_run(args.run))
+    recipe, cfg = config_of_run(read_run(args.run))
+    if not hasattr(cfg, "decode"):
+        raise UserError(f"{args.run} is a '{recipe.name}' run: attnkit translate decodes "
+                        "sequence-to-sequence runs (math, translate, copy); use attnkit "
+                        "generate with a language model")
     decode = cfg.decode
     if args.beam is not None:
         if args.beam < 1:
@@ -157,7 +170,7 @@ def _translate(args: argparse.Namespace) -> None:
         decode = replace(decode, method="beam", beam_size=args.beam)
     if args.greedy:
         decode = replace(decode, method="greedy")
-    lines = args.text or [line.rstrip("\n") for line in sys.stdin]
+    lines = args.text or _stdin_lines()
     lines = [line.strip() for line in lines]
     if not any(lines):
         raise UserError("nothing to translate: give text as arguments or on stdin")
@@ -317,13 +330,61 @@ COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": 
             "download": _download, "resume": _resume}
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Refuse arguments that are not valid UTF-8 (Python keeps their bytes as surrogates)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    byte = ord(item[err.start]) - 0xDC00
+                    raise UserError(f"argument {name} is not valid UTF-8 (byte 0x{byte:02x} at "
+                                    f"position {err.start})") from None
+
+
+def _stdin_lines() -> list[str]:
+    """The lines of stdin, which must be UTF-8 whatever the locale."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"stdin is not valid UTF-8 (byte 0x{data[err.start]:02x} at position "
+                        f"{err.start})") from None
+
+
+def expected_failure(err: Exception) -> str | None:
+    """The one-line message of a failure the user caused, or None for a bug (a traceback)."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError):
+        return os_error_message(err)
+    if isinstance(err, UnicodeDecodeError):
+        return f"text is not valid UTF-8: {err}"
+    return None
+
+
+def _stdout_closed() -> int:
+    """Python's recipe for a reader that stopped reading (`attnkit generate ... | head -1`):
+    send what is left to /dev/null, so that the flush at exit raises nothing, and exit 1."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file behind sys.stdout (in process)
+        pass
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected failures (:func:`expected_failure`) print one line
+    ``attnkit: error: ...`` and return 2; ``ATTNKIT_DEBUG=1`` shows their traceback instead."""
     args = _parser().parse_args(argv)
     try:
+        _check_text(args)
         COMMANDS[args.command](args)
-    except UserError as err:
-        print(f"attnkit: error: {err}", file=sys.stderr)
-        return 2
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        return _stdout_closed()
     except Interrupted as err:  # training saved a checkpoint first
         print(f"attnkit: {err}; continue with: attnkit resume {shlex.quote(err.run_dir)}",
               file=sys.stderr)
@@ -332,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         print("attnkit: interrupted (an existing run_dir resumes from its last checkpoint)",
               file=sys.stderr)
         return 130
+    except Exception as err:
+        message = expected_failure(err)
+        if message is None or os.environ.get("ATTNKIT_DEBUG") == "1":
+            raise
+        print(f"attnkit: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

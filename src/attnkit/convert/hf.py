@@ -40,6 +40,8 @@ from torch import nn
 
 from attnkit.config import unknown
 from attnkit.errors import UserError
+from attnkit.paths import confined
+from attnkit.train.checkpoint import torch_load
 
 FAMILIES: dict[str, str] = {
     "gpt2": "attnkit.convert.gpt2",
@@ -94,14 +96,15 @@ def read_hf_config(path: Path) -> dict:
 
 
 def _load_file(file: Path) -> dict[str, torch.Tensor]:
-    """One weights file (safetensors or a torch pickle read with ``weights_only``)."""
-    try:
-        if file.suffix == ".safetensors":
+    """One weights file (safetensors, or a torch pickle read with ``weights_only``)."""
+    if file.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
-            return load_file(str(file), device="cpu")
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # both libraries raise many kinds for a damaged file
-        raise UserError(f"corrupt or unreadable weights {file}: {_first_line(err)}") from None
+            state = load_file(str(file), device="cpu")
+        except Exception as err:  # the library raises many kinds for a damaged file
+            raise UserError(f"corrupt or unreadable weights {file}: {_first_line(err)}") from None
+    else:
+        state = torch_load(file, "corrupt or unreadable weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise UserError(f"corrupt weights {file}: expected a dict of tensors")
@@ -109,16 +112,21 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of every shard ``index`` names (each confined to the index's folder)."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        record = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read the shard index {index}: {_first_line(err)}") from None
+    weight_map = record.get("weight_map") if isinstance(record, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"the shard index {index} has no weight_map (tensor name -> file name)")
+    shards = {confined(index.parent, name, index) for name in weight_map.values()}
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (index.parent / shard).is_file():
-            raise UserError(f"shard {shard} listed in {index.name} is missing from "
+    for shard in sorted(shards):
+        if not shard.is_file():
+            raise UserError(f"shard {shard.name} listed in {index.name} is missing from "
                             f"{index.parent}")
-        state.update(_load_file(index.parent / shard))
+        state.update(_load_file(shard))
     return state
 
 

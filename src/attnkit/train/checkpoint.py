@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator
@@ -179,6 +180,25 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str |
 
 
 # ---- training state --------------------------------------------------------------------------
+UNTRUSTED_HELP = "README.md, 'Untrusted files'"  # where the safetensors conversion is shown
+
+
+def torch_load(path: Path, damaged: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors: ``damaged`` (e.g. "corrupt
+    or truncated checkpoint") for a damaged file, a refusal for a pickle that needs more than
+    tensors and plain data, since loading it could run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler: no advice quoted
+        if "unsupported global" in str(err).lower():  # it names a class or function to call
+            raise UserError(f"refused {path}: it is a pickle that names Python code to run, so "
+                            "loading it could run code; if you trust its source, convert it "
+                            f"to safetensors ({UNTRUSTED_HELP})") from None
+        raise UserError(f"{damaged} {path}: not a valid torch file") from None
+    except Exception as err:  # torch raises many kinds for a damaged zip
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{damaged} {path}: {first}") from None
+
 
 def load_state(path: str | Path) -> dict:
     """Read a ``.state.pt`` file (or the one beside a ``.safetensors`` path) safely."""
@@ -187,11 +207,7 @@ def load_state(path: str | Path) -> dict:
         path = state_path(path)
     if not path.is_file():
         raise UserError(f"checkpoint state not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a damaged zip/pickle
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"corrupt or truncated checkpoint {path}: {first}") from None
+    state = torch_load(path, "corrupt or truncated checkpoint")
     if not isinstance(state, dict):
         raise UserError(f"corrupt checkpoint {path}: expected a dict")
     return state

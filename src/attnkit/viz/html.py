@@ -39,7 +39,7 @@ class View:
         try:
             write_text_atomic(path, self.html)  # an existing file survives a failed write
         except OSError as err:
-            raise UserError(f"cannot write {path}: {err}") from None
+            raise UserError(f"cannot write {path}: {(err.strerror or str(err)).lower()}") from None
         return path
 
     def _repr_html_(self) -> str:

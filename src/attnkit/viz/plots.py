@@ -36,11 +36,19 @@ def _labels(ax, rows: list[str], cols: list[str]) -> None:
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write the figure atomically, in the format its suffix names (PNG without one)."""
+    from attnkit.train.checkpoint import atomic_path
+
     path = Path(path)
+    fmt = path.suffix[1:].lower() or "png"
     try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise UserError(f"cannot write {path}: unknown image format '{fmt}' (use .png, "
+                            ".pdf or .svg)")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
     except OSError as err:
-        raise UserError(f"cannot write {path}: {err}") from None
+        raise UserError(f"cannot write {path}: {(err.strerror or str(err)).lower()}") from None
     finally:
         _pyplot().close(fig)
     return path
