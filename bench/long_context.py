@@ -1,5 +1,5 @@
 """Benchmark: long context. Transformer-XL, adaptive span and all-attention against a vanilla
-decoder (GPT-2 family), and the fused (flex) against the explicit relative-attention path.
+decoder (GPT-2 family), and the flex relative-attention path against the T x S bias one.
 
     .venv/bin/python bench/long_context.py all --tiny            # seconds: proves it runs
     .venv/bin/python bench/long_context.py all --out runs/bench-long-context   # the real run
@@ -7,7 +7,8 @@ decoder (GPT-2 family), and the fused (flex) against the explicit relative-atten
 Parts (subcommands; ``all`` runs the three):
 
 - ``attention``: one relative-attention layer (8 heads x 64, memory = segment length), forward
-  without gradients, explicit path vs flex_attention path, with and without an adaptive span:
+  without gradients, path "fused" (the T x S position bias through SDPA) vs path "flex"
+  (flex_attention, no T x S matrix), with and without an adaptive span:
   median time of interleaved repeats and peak extra memory (VmHWM of a child process, reset
   after the warm-up call so that compilation is not counted).
 - ``lm``: the four models at about equal parameter count trained for equal wall-clock time on
@@ -83,12 +84,12 @@ def median_times(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-# ---- part 1: explicit vs flex relative attention -------------------------------------------------
-def attention_layer(t: int, span: bool, impl: str) -> tuple:
+# ---- part 1: T x S bias (fused) vs flex relative attention ---------------------------------------
+def attention_layer(t: int, span: bool, path: str) -> tuple:
     torch.manual_seed(0)
     c = 512
     ad = AdaptiveSpan(8, max_span=t, ramp=32, init=0.25) if span else None
-    attn = RelativeMultiHeadAttention(c, 8, span=ad, impl=impl).eval()
+    attn = RelativeMultiHeadAttention(c, 8, span=ad, path=path).eval()
     x, mem = torch.randn(1, t, c), torch.randn(1, t, c)
     return attn, x, mem, relative_table(2 * t, c)
 
@@ -101,23 +102,23 @@ def run_attention(attn, x, mem, table) -> None:
 def part_attention(lengths: list[int], repeats: int, threads: int) -> list[dict]:
     rows = []
     print("\n## Relative attention forward, 8 heads x 64, memory = T, batch 1\n")
-    print("| T | span | explicit ms | flex ms | explicit / flex | explicit MiB | flex MiB |")
+    print("| T | span | bias ms | flex ms | bias / flex | bias MiB | flex MiB |")
     print("|---|---|---|---|---|---|---|")
     for t in lengths:
         for span in (False, True):
-            layers = {impl: attention_layer(t, span, impl) for impl in ("explicit", "flex")}
+            layers = {p: attention_layer(t, span, p) for p in ("fused", "flex")}
             for args in layers.values():
                 run_attention(*args)  # warm-up (compiles the flex kernel)
             med = median_times({k: (lambda a=a: run_attention(*a)) for k, a in layers.items()},
                                repeats)
-            mem = {k: child_peak_mib({"part": "attention", "t": t, "span": span, "impl": k},
+            mem = {k: child_peak_mib({"part": "attention", "t": t, "span": span, "path": k},
                                      threads) for k in layers}
             row = {"t": t, "span": span, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
                    **{f"{k}_mib": v for k, v in mem.items()}}
             rows.append(row)
-            print(f"| {t} | {'adaptive' if span else '-'} | {row['explicit_ms']:.0f} | "
-                  f"{row['flex_ms']:.0f} | {med['explicit'] / med['flex']:.2f} | "
-                  f"{mem['explicit']:.0f} | {mem['flex']:.0f} |")
+            print(f"| {t} | {'adaptive' if span else '-'} | {row['fused_ms']:.0f} | "
+                  f"{row['flex_ms']:.0f} | {med['fused'] / med['flex']:.2f} | "
+                  f"{mem['fused']:.0f} | {mem['flex']:.0f} |")
     return rows
 
 
@@ -139,7 +140,8 @@ def build_models(vocab: int, size: dict) -> dict[str, torch.nn.Module]:
     """The four contenders at about equal parameter count (the FFN's 8C^2 per layer become
     2NC persistent parameters with N = d_ff for all-attention)."""
     c, layers, mem, ctx = size["d_model"], size["layers"], size["mem_len"], size["context"]
-    common = dict(d_model=c, n_heads=4, n_layers=layers, dropout=0.1, attn_impl="explicit")
+    common = dict(d_model=c, n_heads=4, n_layers=layers, dropout=0.1,
+                  attention_path="fused")
     torch.manual_seed(0)
     return {
         "vanilla (GPT-2)": GPT2(GPT2Config(vocab_size=vocab, n_positions=ctx, d_model=c,
@@ -326,7 +328,7 @@ def part_eval_cost(contexts: list[int], size: dict, repeats: int, out: Path) -> 
 def probe(task: dict) -> float:
     """Extra peak resident MiB of one forward (attention) or three training steps (lm)."""
     if task["part"] == "attention":
-        args = attention_layer(task["t"], task["span"], task["impl"])
+        args = attention_layer(task["t"], task["span"], task["path"])
         run_attention(*args)  # warm-up: compilation and allocator caches are not counted
         before = reset_peak()
         run_attention(*args)

@@ -34,8 +34,8 @@ def _pair(seed: int = 0):
     span = AdaptiveSpan(2, max_span=9, ramp=3)
     with torch.no_grad():
         span.frac.copy_(torch.tensor([0.25, 0.5]))
-    with_span = RelativeMultiHeadAttention(8, 2, span=span, impl="explicit").double().eval()
-    plain = RelativeMultiHeadAttention(8, 2, impl="explicit").double().eval()
+    with_span = RelativeMultiHeadAttention(8, 2, span=span, path="explicit").double().eval()
+    plain = RelativeMultiHeadAttention(8, 2, path="explicit").double().eval()
     plain.load_state_dict({k: v for k, v in with_span.state_dict().items()
                            if not k.startswith("span.")})
     return with_span, plain

@@ -13,7 +13,7 @@ from attnkit.errors import ConfigError
 from attnkit.nn.attention.core import attention
 from attnkit.nn.attention.flex import band_mask, band_mask_mod
 from attnkit.nn.attention.hard import HardAttention
-from attnkit.nn.attention.local import LocalAttention, SlidingWindowAttention
+from attnkit.nn.attention.local import LocalAttention
 from attnkit.nn.attention.multihead import MultiHeadAttention
 from attnkit.nn.cache import KVCache
 
@@ -59,11 +59,11 @@ def test_core_window_paths_equal_loop_reference(t, s, causal):
 
 def test_sliding_window_attention_equals_mha_with_band_mask_and_caches():
     torch.manual_seed(0)
-    local = SlidingWindowAttention(16, 4, window=2, causal=True).double().eval()
+    local = MultiHeadAttention(16, 4, window=2).double().eval()
     full = MultiHeadAttention(16, 4).double().eval()
     full.load_state_dict(local.state_dict())
     x = torch.randn(2, 7, 16, dtype=F64)
-    got = local(x, need_weights=True)
+    got = local(x, need_weights=True, causal=True)
     ref = full(x, mask=band_mask(7, 7, 2, causal=True), need_weights=True)
     torch.testing.assert_close(got.out, ref.out)
     torch.testing.assert_close(got.weights, ref.weights)
@@ -78,9 +78,9 @@ def test_window_errors_are_one_line():
         with pytest.raises(ConfigError, match="positive"):
             attention(q, q, q, window=bad)
         with pytest.raises(ConfigError, match="positive"):
-            SlidingWindowAttention(8, 2, window=bad)
+            MultiHeadAttention(8, 2, window=bad)
     with pytest.raises(ConfigError, match="covers the whole sequence") as err:
-        SlidingWindowAttention(8, 2, window=64, max_len=64)
+        MultiHeadAttention(8, 2, window=64, max_len=64)
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="covers the whole sequence"):
         LocalAttention(4, 4, window=10, max_len=8)

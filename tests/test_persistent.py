@@ -17,8 +17,8 @@ def test_joint_softmax_over_context_and_persistent_vectors():
     torch.manual_seed(0)
     n = 5
     attn = RelativeMultiHeadAttention(8, 2, persistent=PersistentMemory(2, 4, n),
-                                      impl="explicit").double().eval()
-    plain = RelativeMultiHeadAttention(8, 2, impl="explicit").double().eval()
+                                      path="explicit").double().eval()
+    plain = RelativeMultiHeadAttention(8, 2, path="explicit").double().eval()
     plain.load_state_dict({k: v for k, v in attn.state_dict().items()
                            if not k.startswith("persistent.")})
     x, mem = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
@@ -54,7 +54,7 @@ def test_joint_softmax_over_context_and_persistent_vectors():
 def test_all_attention_layers_have_no_feed_forward_and_train():
     torch.manual_seed(1)
     cfg = TransformerXLConfig(vocab_size=9, d_model=16, n_heads=2, n_layers=2, d_ff=0,
-                              n_persistent=6, mem_len=4, dropout=0.0, attn_impl="explicit")
+                              n_persistent=6, mem_len=4, dropout=0.0, attention_path="explicit")
     model = TransformerXL(cfg)
     assert all(block.ffn is None for block in model.layers)
     names = [n for n, _ in model.named_parameters()]

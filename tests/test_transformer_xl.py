@@ -64,7 +64,7 @@ def reference_attention(attn: RelativeMultiHeadAttention, x, mem, table, limit=N
                                                  (4, 0, 3)])
 def test_relative_attention_equals_explicit_terms(mem_len, clamp, limit):
     torch.manual_seed(1)
-    attn = RelativeMultiHeadAttention(8, 2, impl="explicit").double().eval()
+    attn = RelativeMultiHeadAttention(8, 2, path="explicit").double().eval()
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     mem = torch.randn(2, mem_len, 8, dtype=torch.float64) if mem_len else None
     s = 3 + mem_len
@@ -74,6 +74,7 @@ def test_relative_attention_equals_explicit_terms(mem_len, clamp, limit):
     ref_out, ref_w = reference_attention(attn, x, mem, full, limit)
     torch.testing.assert_close(res.weights, ref_w, rtol=0, atol=1e-12)
     torch.testing.assert_close(res.out, ref_out, rtol=0, atol=1e-12)
+    attn.path = "fused"
     fused = attn(x, mem, full[:rows], max_distance=limit)  # SDPA with the bias
     torch.testing.assert_close(fused.out, ref_out, rtol=0, atol=1e-12)
 
@@ -97,12 +98,12 @@ def test_flex_path_equals_explicit_path():
     with torch.no_grad():
         span.frac.copy_(torch.tensor([0.2, 0.9]))
     attn = RelativeMultiHeadAttention(16, 2, span=span, persistent=PersistentMemory(2, 8, 3),
-                                      impl="explicit").eval()
+                                      path="explicit").eval()
     x, mem = torch.randn(2, 10, 16), torch.randn(2, 12, 16)
     table = relative_table(8, 16, clamp_len=7)
     with torch.no_grad():
         ref = attn(x, mem, table).out
-        attn.impl = "flex"
+        attn.path = "flex"
         out = attn(x, mem, table).out
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -110,7 +111,7 @@ def test_flex_path_equals_explicit_path():
 # ---- the model and its memory ------------------------------------------------------------------
 def tiny(**kw) -> TransformerXL:
     base = dict(vocab_size=11, d_model=16, n_heads=2, n_layers=2, d_ff=24, dropout=0.0,
-                mem_len=4, attn_impl="explicit")
+                mem_len=4, attention_path="explicit")
     return TransformerXL(TransformerXLConfig(**{**base, **kw})).double().eval()
 
 
@@ -194,7 +195,7 @@ def test_same_length_gives_every_query_mem_len_keys():
 def test_memory_is_detached_and_gradients_stay_in_the_segment():
     torch.manual_seed(6)
     model = TransformerXL(TransformerXLConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2,
-                                              d_ff=24, mem_len=4, attn_impl="explicit"))
+                                              d_ff=24, mem_len=4, attention_path="explicit"))
     out = model(torch.randint(0, 11, (2, 5)))
     assert all(not m.requires_grad for m in out.mems)
     nxt = model(torch.randint(0, 11, (2, 5)), out.mems)

@@ -26,10 +26,8 @@ from attnkit.config import unknown
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import mean_token_nll
 from attnkit.models.outputs import per_layer
-from attnkit.nn.attention.core import attention
-from attnkit.nn.attention.multihead import MultiHeadAttention
+from attnkit.nn.attention.multihead import MultiHeadAttention, Packing
 from attnkit.nn.blocks import EncoderBlock
-from attnkit.nn.fast_linear import inference_linear
 from attnkit.nn.ffn import ACTIVATIONS, FeedForward
 from attnkit.nn.positional import LearnedPositions
 
@@ -204,8 +202,8 @@ class BertModel(nn.Module):
 
         As in ``transformers``, padding is not inferred from ``pad_id``: pass the mask.
         Asked for weights or hidden states, every position is computed by the encoder blocks,
-        as ``transformers`` does. Otherwise the fast path runs (:func:`fast_block`): a padded
-        batch is packed, so its padding positions come out as zeros.
+        as ``transformers`` does. Otherwise the blocks run on packed tokens (the fast path,
+        :meth:`_forward_fast`), so a padded batch's padding positions come out as zeros.
         """
         ids = ids if input_ids is None else input_ids  # alias: remove after merge
         need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
@@ -227,46 +225,15 @@ class BertModel(nn.Module):
 
     def _forward_fast(self, ids: Tensor, attention_mask: Tensor | None,
                       token_type_ids: Tensor | None, mask: Tensor | None) -> BertOutput:
-        """Tokens flattened to (M, C) through every block: all B * S, or the N real ones."""
-        b, s = ids.shape
-        x = self.embed(ids, token_type_ids).reshape(b * s, -1)
-        index = None if mask is None else attention_mask.reshape(-1).nonzero().squeeze(1)
-        if index is not None:
-            x = x.index_select(0, index)  # (N, C)
+        """The encoder blocks on packed tokens (:class:`Packing`): all B * S, or the N real
+        ones of a padded batch, as one (N, C) matrix; padding comes out as zeros."""
+        packing = Packing.of(mask, *ids.shape)
+        x = packing.pack(self.embed(ids, token_type_ids))  # (N, C)
         for layer in self.layers:
-            x = fast_block(layer, x, mask, index, b, s)
-        if index is not None:
-            x = x.new_zeros(b * s, x.size(1)).index_copy(0, index, x)
-        x = x.view(b, s, -1)
+            x = layer(x, packing=packing).hidden
+        x = packing.unpack(x)  # (B, S, C)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return BertOutput(x, pooled)
-
-
-def fast_block(layer: EncoderBlock, x: Tensor, mask: Tensor | None, index: Tensor | None,
-               b: int, s: int) -> Tensor:
-    """``layer`` (an attnkit EncoderBlock) on flattened tokens x (M, C); the same arithmetic.
-
-    ``index`` (N,) holds the flat positions of packed real tokens (M = N), or is None for a
-    full batch (M = B * S). Projections, residuals and the feed-forward see only these M rows;
-    queries, keys and values are scattered into a zero (B, S) grid for the fused, masked
-    attention core. Linear layers go through
-    :func:`~attnkit.nn.fast_linear.inference_linear` (module hooks do not run).
-    """
-    mha, ffn = layer.self_attn, layer.ffn
-
-    def attend(h: Tensor) -> Tensor:
-        qkv = inference_linear(h, mha.qkv_proj)  # (M, 3C)
-        if index is not None:  # zeros, not garbage: masked keys' values must be finite
-            qkv = qkv.new_zeros(b * s, qkv.size(1)).index_copy(0, index, qkv)
-        q, k, v = qkv.view(b, s, 3, mha.n_heads, mha.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, mask=mask, dropout=mha.dropout if mha.training else 0.0).out
-        out = out.transpose(1, 2).reshape(b * s, -1)  # (B * S, C)
-        return inference_linear(out if index is None else out.index_select(0, index), mha.out_proj)
-
-    def feed_forward(h: Tensor) -> Tensor:
-        return inference_linear(ffn.dropout(ffn.act(inference_linear(h, ffn.fc1))), ffn.fc2)
-
-    return layer.ffn_res(layer.attn_res(x, attend), feed_forward)
 
 
 def init_bert_(module: nn.Module, std: float) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +32,7 @@ from attnkit.errors import ConfigError, UserError
 from attnkit.losses import causal_lm_loss
 from attnkit.models.outputs import per_layer
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan
+from attnkit.nn.attention.core import PATHS
 from attnkit.nn.attention.multihead import MHAOutput
 from attnkit.nn.attention.persistent import PersistentMemory
 from attnkit.nn.attention.relative import RelativeMultiHeadAttention, relative_table
@@ -40,6 +40,7 @@ from attnkit.nn.blocks import BlockOutput, Residual
 from attnkit.nn.ffn import FeedForward
 
 FAMILY = "transformer-xl"
+RENAMED = {"attn_impl": "attention_path"}  # old config key -> new, for run configs saved before
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class TransformerXLConfig:
     span_init: float = 0.0           # initial z / max_span
     span_loss: float = 2e-6          # coefficient of the L1 span penalty (per token)
     n_persistent: int = 0            # persistent key/value vectors per head (all-attention)
-    attn_impl: Literal["auto", "explicit", "flex"] = "auto"
+    attention_path: str = "auto"     # the attention core's switch: auto, fused, flex, explicit
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0:
@@ -87,8 +88,8 @@ class TransformerXLConfig:
                               "persistent memory (model.n_persistent > 0, all-attention)")
         if self.same_length and self.mem_len == 0:
             raise ConfigError("model.same_length needs model.mem_len > 0 (the window length)")
-        if self.attn_impl not in ("auto", "explicit", "flex"):
-            raise unknown("model.attn_impl", self.attn_impl, ("auto", "explicit", "flex"))
+        if self.attention_path not in PATHS:
+            raise unknown("model.attention_path", self.attention_path, PATHS)
         self._check_span()
 
     def _check_span(self) -> None:
@@ -216,7 +217,8 @@ class TransformerXL(nn.Module):
         persistent = (PersistentMemory(cfg.n_heads, cfg.d_model // cfg.n_heads,
                                        cfg.n_persistent) if cfg.n_persistent else None)
         attn = RelativeMultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout,
-                                          span=span, persistent=persistent, impl=cfg.attn_impl)
+                                          span=span, persistent=persistent,
+                                          path=cfg.attention_path)
         ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None
         return XLBlock(attn, ffn, cfg.d_model, cfg.dropout, cfg.norm_first)
 
@@ -341,11 +343,12 @@ def xl_arch(preset: str, arch: dict, vocab_size: int) -> TransformerXLConfig:
     """The validated config of a preset ("" = the class defaults) plus ``arch`` overrides.
 
     ``n_positions`` (the context the "lm" recipe passes to every family) is ignored: relative
-    positions have no table and no length limit.
+    positions have no table and no length limit. ``attn_impl``, the name ``attention_path`` had
+    in configs saved before, is read as ``attention_path`` (its values keep their meaning).
     """
     if preset and preset not in PRESETS:
         raise unknown("transformer-xl preset", preset, PRESETS)
-    arch = {k: v for k, v in arch.items() if k != "n_positions"}
+    arch = {RENAMED.get(k, k): v for k, v in arch.items() if k != "n_positions"}
     return from_dict(TransformerXLConfig, {**PRESETS.get(preset, {}), **arch,
                                            "vocab_size": vocab_size}, prefix="arch.")
 

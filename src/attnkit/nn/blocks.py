@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from attnkit.nn.attention.multihead import MHAOutput, MultiHeadAttention
+from attnkit.nn.attention.multihead import MHAOutput, MultiHeadAttention, Packing
 from attnkit.nn.cache import KVCache
 
 
@@ -52,13 +52,15 @@ class EncoderBlock(nn.Module):
         self.ffn_res = Residual(d_model, dropout, norm_first, eps)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False, *,
-                causal: bool = False, cache: KVCache | None = None) -> BlockOutput:
-        """``causal`` and ``cache`` make it a decoder-only (GPT) block."""
+                causal: bool = False, cache: KVCache | None = None,
+                packing: Packing | None = None) -> BlockOutput:
+        """``causal`` and ``cache`` make it a decoder-only (GPT) block; with ``packing`` ``x``
+        is the packed real tokens (N, C) of a padded batch (see :class:`Packing`)."""
         box: list[MHAOutput] = []
 
         def attend(h: Tensor) -> Tensor:
             box.append(self.self_attn(h, mask=mask, need_weights=need_weights, causal=causal,
-                                      cache=cache))
+                                      cache=cache, packing=packing))
             return box[0].out
 
         x = self.attn_res(x, attend)

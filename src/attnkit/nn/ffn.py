@@ -1,12 +1,17 @@
 """Position-wise feed-forward network (Vaswani et al. 2017, eq. 2).
 
     FFN(x) = act(x W1 + b1) W2 + b2
+
+Both products go through :func:`~attnkit.nn.fast_linear.inference_linear` (oneDNN's GEMM for
+2-D inputs without autograd, e.g. packed sequences; the plain layer otherwise).
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from attnkit.nn.fast_linear import inference_linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu,
                "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -24,4 +29,4 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(x))))
+        return inference_linear(self.dropout(self.act(inference_linear(x, self.fc1))), self.fc2)

@@ -18,7 +18,8 @@ Variants plug in by argument (docs/attention.md):
   explicit (T, S) matrix. Inputs may also be 3-D, (B, T, Dq) / (B, S, Dk) / (B, S, Dv).
 - ``window``: sliding-window local attention, |pos_i - j| <= window. Without gradients, mask
   tensor, bias or dropout, long inputs take the compiled ``flex_attention`` kernel with a block
-  mask (:mod:`attnkit.nn.attention.flex`); otherwise SDPA with a boolean band mask.
+  mask (:func:`attnkit.nn.attention.flex.use_flex` decides, for every caller); otherwise SDPA
+  with a boolean band mask.
 - ``post_fn``: a function of the (…, T, S) weights applied after the softmax (Luong's local-p
   Gaussian); it needs the explicit path.
 - ``path``: "auto" (default) picks as above; "fused", "flex" or "explicit" insist, and a
@@ -41,9 +42,6 @@ from attnkit.nn.attention import flex
 from attnkit.nn.attention.masks import causal_mask, combine
 
 PATHS = ("auto", "fused", "flex", "explicit")
-FLEX_MIN_KEYS = 1024  # "auto" takes flex_attention for windows over at least this many keys
-FLEX_MAX_SHAPES = 6   # ... for at most this many (T, S) shapes per process (one compile each)
-_flex_shapes: set[tuple[int, int, bool]] = set()
 
 
 @dataclass
@@ -78,25 +76,13 @@ def _explicit_reason(need_weights: bool, score_fn: Callable | None,
 
 def _use_flex(path: str, q: Tensor, k: Tensor, v: Tensor, window: int | None,
               mask: Tensor | None, bias: Tensor | None, dropout: float, causal: bool) -> bool:
-    """Whether the fused-kind call runs on flex_attention (see the module docstring)."""
+    """Whether the fused-kind call runs on flex_attention (the policy is flex.use_flex)."""
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     blockers = {"no window was given": window is None, "a mask tensor was given": mask is not None,
                 "inputs are not (B, H, T, D)": q.dim() != 4,
                 "a bias tensor was given": bias is not None, "dropout > 0": dropout > 0,
-                "gradients are needed (no flex backward on CPU)": grad and q.device.type == "cpu",
-                "flex_attention is unavailable": not flex.flex_available()}
-    if path == "flex":
-        reasons = [r for r, hit in blockers.items() if hit]
-        if reasons:
-            raise ConfigError(f"attention path 'flex' is not possible: {reasons[0]}")
-        return True
-    if path != "auto" or any(blockers.values()) or k.size(-2) < FLEX_MIN_KEYS:
-        return False
-    key = (q.size(-2), k.size(-2), causal)
-    if key not in _flex_shapes and len(_flex_shapes) >= FLEX_MAX_SHAPES:
-        return False  # every new shape compiles again: stay on SDPA instead
-    _flex_shapes.add(key)
-    return True
+                "gradients are needed (no flex backward on CPU)": grad and q.device.type == "cpu"}
+    return flex.use_flex(path, q, k.size(-2), blockers, ("band", causal, tuple(v.shape)))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,

@@ -11,7 +11,11 @@ the kernel still visits every score. ``torch.nn.attention.flex_attention`` takes
 instead: per 128 x 128 tile, whether it is empty, full or partial; empty tiles are skipped, so
 time and memory grow with T * w rather than T * S. The block mask is built here tile row by
 tile row (O(S) memory at a time, never the (T, S) matrix) and cached with the compiled kernel.
+Keys past S (``extra``, e.g. Transformer-XL's persistent memory) may be visible to every query.
 On CPU, torch 2.13's flex_attention has no backward: it is used for inference only.
+
+:func:`use_flex` is the one policy deciding when a caller (the attention core's band, the
+Transformer-XL relative attention) runs on flex, with one compile budget per process.
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from attnkit.errors import ConfigError
+
 BLOCK = 128  # flex_attention's tile size
+MIN_SCORES = 1 << 20  # "auto" takes flex from T * S >= this many scores (a compile costs ~7 s)
+MAX_COMPILES = 6  # ... for at most this many compiled shapes per process, all callers together
+_compiled: set[tuple] = set()  # the compile keys "auto" has admitted so far
 
 
 def band_mask(t: int, s: int, window: int, causal: bool = False,
@@ -35,28 +44,34 @@ def band_mask(t: int, s: int, window: int, causal: bool = False,
     return allowed & (rel >= 0) if causal else allowed
 
 
-def band_mask_mod(window: int, causal: bool, offset: int) -> Callable[..., Tensor]:
-    """The same predicate as :func:`band_mask` in flex_attention's mask_mod form."""
+def band_mask_mod(window: int, causal: bool, offset: int,
+                  keys: int | None = None) -> Callable[..., Tensor]:
+    """The same predicate as :func:`band_mask` in flex_attention's mask_mod form; keys from
+    index ``keys`` on (the ``extra`` ones of :func:`band_block_mask`) are visible to all."""
 
     # 0-d tensors, not Python ints: the compiled kernel then guards on their shape only and
-    # is not recompiled for every window or offset.
+    # is not recompiled for every window, offset or key count.
     w, off = torch.tensor(window), torch.tensor(offset)
+    last = None if keys is None else torch.tensor(keys)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         rel = q_idx + off - kv_idx
         allowed = (rel <= w) & (rel >= -w)
-        return allowed & (rel >= 0) if causal else allowed
+        allowed = allowed & (rel >= 0) if causal else allowed
+        return allowed if last is None else allowed | (kv_idx >= last)
 
     return mask_mod
 
 
-def _tile_row(i: int, t: int, s: int, window: int, causal: bool) -> tuple[Tensor, Tensor]:
+def _tile_row(i: int, t: int, s: int, window: int, causal: bool,
+              extra: int) -> tuple[Tensor, Tensor]:
     """For query tile ``i``: which key tiles have any / all entries allowed, (n_kv,) each."""
     rows = torch.arange(i * BLOCK, min((i + 1) * BLOCK, t))
-    n_kv = -(-s // BLOCK)
+    n_kv = -(-(s + extra) // BLOCK)
     allowed = torch.zeros(len(rows), n_kv * BLOCK, dtype=torch.bool)  # tail keys stay False
     rel = rows[:, None] + (s - t) - torch.arange(s)[None, :]  # (rows, S): pos_i - j
     allowed[:, :s] = (rel.abs() <= window) & ((rel >= 0) if causal else True)
+    allowed[:, s:s + extra] = True
     tiles = allowed.view(len(rows), n_kv, BLOCK)
     full = tiles.all(dim=2).all(dim=0) & (len(rows) == BLOCK)
     return tiles.any(dim=2).any(dim=0), full
@@ -70,19 +85,21 @@ def _indices(flags: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=32)
-def band_block_mask(t: int, s: int, window: int, causal: bool):  # -> BlockMask
-    """The flex_attention BlockMask of the band, built without the (T, S) matrix; cached."""
+def band_block_mask(t: int, s: int, window: int, causal: bool, extra: int = 0):  # -> BlockMask
+    """The flex_attention BlockMask of the band over S keys, then ``extra`` keys every query
+    sees; built without the (T, S + extra) matrix and cached."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    any_rows, full_rows = zip(*(_tile_row(i, t, s, window, causal)
+    any_rows, full_rows = zip(*(_tile_row(i, t, s, window, causal, extra)
                                 for i in range(-(-t // BLOCK))), strict=True)
     anyf, full = torch.stack(any_rows), torch.stack(full_rows)  # (n_q, n_kv)
     partial = anyf & ~full
     n_part, idx_part = _indices(partial)
     n_full, idx_full = _indices(full)
+    mask_mod = band_mask_mod(window, causal, s - t, s if extra else None)
     return BlockMask.from_kv_blocks(
         n_part[None, None], idx_part[None, None], n_full[None, None], idx_full[None, None],
-        BLOCK_SIZE=BLOCK, mask_mod=band_mask_mod(window, causal, s - t), seq_lengths=(t, s))
+        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(t, s + extra))
 
 
 @functools.cache
@@ -103,16 +120,46 @@ def flex_available() -> bool:
     return True
 
 
+def use_flex(path: str, q: Tensor, keys: int, blockers: dict[str, bool], kind: tuple) -> bool:
+    """The one flex policy: whether a call with queries ``q`` (B, H, T, D) over ``keys`` keys
+    runs on the compiled flex kernel.
+
+    ``path`` "flex" insists (a ``ConfigError`` names the first of the ``blockers`` that hold);
+    "auto" takes flex when none holds, the call has at least :data:`MIN_SCORES` scores
+    (T * keys) and its compile key (``kind``, which names the caller and whatever else makes
+    torch.compile specialise, plus the shapes and dtype) was admitted before or fits the
+    budget of :data:`MAX_COMPILES`, shared by every caller; other paths never take flex.
+    """
+    cpu_dtype = q.device.type != "cpu" or q.dtype in (torch.float32, torch.float16,
+                                                       torch.bfloat16)
+    blockers = {**blockers, "flex_attention is unavailable": not flex_available(),
+                f"flex_attention on CPU takes no {q.dtype}": not cpu_dtype}
+    if path == "flex":
+        reasons = [r for r, hit in blockers.items() if hit]
+        if reasons:
+            raise ConfigError(f"attention path 'flex' is not possible: {reasons[0]}")
+        return True
+    if path != "auto" or any(blockers.values()) or q.size(-2) * keys < MIN_SCORES:
+        return False
+    key = (*kind, tuple(q.shape), keys, q.dtype, q.device.type)
+    if key not in _compiled and len(_compiled) >= MAX_COMPILES:
+        return False  # every new shape compiles again: stay on the other path instead
+    _compiled.add(key)
+    return True
+
+
 def flex_band_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None,
                         causal: bool = False, scale: float | None = None,
-                        score_mod: Callable[..., Tensor] | None = None) -> Tensor:
+                        score_mod: Callable[..., Tensor] | None = None,
+                        extra: int = 0) -> Tensor:
     """Attention (B, H, T, D) with the compiled flex kernel and a cached block mask of the band
-    (``window`` None: every key, or causal); ``score_mod`` (flex's signature) can add a bias
+    (``window`` None: every key, or causal) over the first S - ``extra`` keys; the last
+    ``extra`` keys are visible to every query. ``score_mod`` (flex's signature) can add a bias
     such as :func:`relative_bias_mod`. No backward on CPU."""
-    t, s = q.size(-2), k.size(-2)
+    t, s = q.size(-2), k.size(-2) - extra
     # Always an explicit block mask: with block_mask=None, flex_attention on CPU (torch 2.13)
     # was measured to peak at O(T * S) memory (138 MiB at T = S = 4096) against 8 MiB here.
-    block = band_block_mask(t, s, max(t, s) if window is None else window, causal)
+    block = band_block_mask(t, s, max(t, s) if window is None else window, causal, extra)
     return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block, scale=scale)
 
 

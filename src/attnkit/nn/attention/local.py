@@ -12,10 +12,9 @@ Luong, Pham & Manning 2015, section 3.2 ("local attention"), with half-width ``w
   The hard window carries no gradient to p_t; the Gaussian does. Weights are not renormalised
   after the Gaussian (as in the paper).
 
-Sliding-window self-attention (Child et al. 2019; Beltagy et al. 2020): every position attends
-to the positions at most W away (and, if causal, not ahead). It runs on the fused kernels: the
-compiled ``flex_attention`` with a block mask for long inputs without gradients, SDPA with a
-band mask otherwise (see :mod:`attnkit.nn.attention.core`).
+Sliding-window self-attention (Child et al. 2019; Beltagy et al. 2020), every position attending
+to the positions at most W away, is an option of the shared multi-head module:
+``MultiHeadAttention(d_model, n_heads, window=W)`` (:mod:`attnkit.nn.attention.multihead`).
 """
 
 from __future__ import annotations
@@ -25,22 +24,10 @@ from torch import Tensor, nn
 
 from attnkit.errors import ConfigError
 from attnkit.nn.attention.core import AttentionOutput, attention
-from attnkit.nn.attention.masks import combine
-from attnkit.nn.attention.multihead import MHAOutput, MultiHeadAttention
+from attnkit.nn.attention.masks import check_window, combine
 from attnkit.nn.attention.scores import build_score
-from attnkit.nn.cache import KVCache
 
 MODES = ("predictive", "monotonic")
-
-
-def check_window(window: int, max_len: int | None = None) -> None:
-    """ConfigError unless 0 < window < max_len (a window spanning the whole sequence is just
-    global attention, and is almost always a mistake in a configuration)."""
-    if window <= 0:
-        raise ConfigError(f"local attention window must be positive, got {window}")
-    if max_len is not None and window >= max_len:
-        raise ConfigError(f"local attention window {window} covers the whole sequence "
-                          f"(max_len {max_len}): use global attention or a smaller window")
 
 
 class LocalAttention(nn.Module):
@@ -102,35 +89,3 @@ class LocalAttention(nn.Module):
         res = attention(q, k, v, mask=combine(mask, inside), score_fn=self.score,
                         post_fn=post, need_weights=need_weights)
         return AttentionOutput(res.out, res.weights if need_weights else None)
-
-
-class SlidingWindowAttention(MultiHeadAttention):
-    """Multi-head self-attention restricted to a band: |i - j| <= window (j <= i if causal).
-
-    Same parameters (and state-dict keys) as :class:`MultiHeadAttention`; ``max_len`` lets the
-    window be checked at construction. Memory O(T * window) on the flex path (inference on long
-    inputs), O(T * S) for the boolean band mask of the SDPA path.
-    """
-
-    def __init__(self, d_model: int, n_heads: int, window: int, causal: bool = False,
-                 dropout: float = 0.0, bias: bool = True, max_len: int | None = None) -> None:
-        super().__init__(d_model, n_heads, dropout=dropout, bias=bias)
-        check_window(window, max_len)
-        self.window, self.causal = window, causal
-
-    def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
-                bias: Tensor | None = None, cache: KVCache | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, need_weights: bool = False,
-                causal: bool = False, path: str = "auto") -> MHAOutput:
-        """``x`` (B, T, C) -> (B, T, C); ``cache`` as in :class:`MultiHeadAttention`."""
-        if context is not None or kv is not None:
-            raise ConfigError("sliding-window attention is self-attention: no context/kv")
-        q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))  # (B, H, T, D)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        res = attention(q, k, v, mask=mask, bias=bias, need_weights=need_weights,
-                        causal=causal or self.causal, window=self.window, path=path,
-                        dropout=self.dropout if self.training else 0.0)
-        b, _, t, _ = res.out.shape
-        out = res.out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, C)
-        return MHAOutput(self.out_proj(out), res.weights)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.errors import ConfigError
+
 
 def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
     """(B, S) token ids -> (B, 1, 1, S): keys that are not padding."""
@@ -25,3 +27,13 @@ def combine(*masks: Tensor | None) -> Tensor | None:
         if m is not None:
             out = m if out is None else out & m
     return out
+
+
+def check_window(window: int, max_len: int | None = None) -> None:
+    """ConfigError unless 0 < window < max_len (a window spanning the whole sequence is just
+    global attention, and is almost always a mistake in a configuration)."""
+    if window <= 0:
+        raise ConfigError(f"local attention window must be positive, got {window}")
+    if max_len is not None and window >= max_len:
+        raise ConfigError(f"local attention window {window} covers the whole sequence "
+                          f"(max_len {max_len}): use global attention or a smaller window")

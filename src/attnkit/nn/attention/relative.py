@@ -15,32 +15,32 @@ efficient relative shift (``rel_shift``, appendix B of the paper). Scores are sc
 1/sqrt(D); the adaptive span (``AdaptiveSpan``) and persistent memory (``PersistentMemory``)
 plug in as extra bias and extra keys.
 
-Two paths compute the same thing: ``explicit`` (materialises the T x S position bias and hands
-it to the attention core; needed for training and for returning weights) and ``flex``
-(forward only on CPU: a ``flex_attention`` score modification gathers the position term from
-the (B, H, T, K) table of distinct distances and a block mask skips blocks beyond the causal /
-span window, so no T x S score, bias or weight matrix exists).
+``path`` is the attention core's switch ("auto", "fused", "flex", "explicit"). "fused" and
+"explicit" materialise the T x S position bias and hand it to the core (SDPA with the bias, or
+the explicit softmax that can return weights; needed for training). "flex" (forward only on
+CPU) adds the position term inside the compiled ``flex_attention`` kernel by gathering it from
+the (B, H, T, K) table of distinct distances, with the core's cached tiled band block mask
+(:func:`attnkit.nn.attention.flex.band_block_mask`) skipping tiles beyond the causal / span
+window, so no T x S score, bias or weight matrix exists. "auto" asks the core's one flex policy
+(:func:`attnkit.nn.attention.flex.use_flex`, one compile budget for every caller) and
+otherwise lets the core choose between SDPA and the explicit softmax.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.config import unknown
+from attnkit.nn.attention import flex
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan
-from attnkit.nn.attention.core import attention
-from attnkit.nn.attention.flex import compiled_flex, flex_available
+from attnkit.nn.attention.core import PATHS, attention
 from attnkit.nn.attention.multihead import MHAOutput
 from attnkit.nn.attention.persistent import PersistentMemory
-
-Impl = Literal["auto", "explicit", "flex"]
-FLEX_MIN_SCORES = 1 << 20  # "auto" takes the flex path from T * S >= this (compile cost ~7 s)
-FLEX_MAX_SHAPES = 4  # ... for at most this many (T, S) shapes per process (one compile each)
-_flex_shapes: set[tuple[int, int]] = set()
 
 
 def relative_table(n: int, d_model: int, clamp_len: int = 0) -> Tensor:
@@ -76,18 +76,19 @@ class RelativeMultiHeadAttention(nn.Module):
     """Transformer-XL attention over [memory, segment] with relative positions.
 
     ``span`` and ``persistent`` (optional modules) turn it into adaptive-span attention and the
-    all-attention layer. ``impl`` picks the path ("auto": flex when nothing needs gradients or
-    weights and the score matrix is large, else explicit).
+    all-attention layer. ``path`` picks the kernel (see the module docstring).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *,
                  span: AdaptiveSpan | None = None, persistent: PersistentMemory | None = None,
-                 impl: Impl = "auto") -> None:
+                 path: str = "auto") -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
-        self.n_heads, self.head_dim, self.dropout, self.impl = (
-            n_heads, d_model // n_heads, dropout, impl)
+        if path not in PATHS:
+            raise unknown("attention path", path, PATHS)
+        self.n_heads, self.head_dim, self.dropout, self.path = (
+            n_heads, d_model // n_heads, dropout, path)
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.r_proj = nn.Linear(d_model, d_model, bias=False)  # W_{k,R}
@@ -122,35 +123,28 @@ class RelativeMultiHeadAttention(nn.Module):
         limit = s - 1 if max_distance is None else min(s - 1, max_distance)
         if self.span is not None:
             limit = min(limit, self.span.window() - 1)
-        if self._use_flex(need_weights, t, s):
-            out = self._flex(q, k, v, rk, limit)
-            weights = None
+        if self._use_flex(q, s, rows, need_weights):
+            out, weights = self._flex(q, k, v, rk, limit), None
         else:
-            res = self._explicit(q, k, v, rk, limit, need_weights)
+            res = self._with_bias(q, k, v, rk, limit, need_weights)
             out, weights = res.out, res.weights
         b = x.size(0)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, C)
         return MHAOutput(self.out_proj(out), weights)
 
-    def _use_flex(self, need_weights: bool, t: int, s: int) -> bool:
-        if self.impl == "explicit" or need_weights:
-            return False
+    def _use_flex(self, q: Tensor, s: int, rows: int, need_weights: bool) -> bool:
+        """Whether this call runs on flex (the core's policy, :func:`flex.use_flex`)."""
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        dropping = self.training and self.dropout > 0
-        if self.impl == "flex":
-            if grad or dropping:
-                raise RuntimeError("the flex path is forward-only here (no backward on CPU, no "
-                                   "dropout): use impl='explicit' for training")
-            return True
-        if grad or dropping or t * s < FLEX_MIN_SCORES or not flex_available():
-            return False
-        if (t, s) not in _flex_shapes and len(_flex_shapes) >= FLEX_MAX_SHAPES:
-            return False  # every new shape compiles again: stay explicit
-        _flex_shapes.add((t, s))
-        return True
+        blockers = {"the attention weights were requested": need_weights,
+                    "gradients are needed (no flex backward here)": grad,
+                    "dropout > 0": self.training and self.dropout > 0}
+        extra = 0 if self.persistent is None else self.persistent.n
+        kind = ("relative", None if self.span is None else self.span.ramp, rows)
+        return flex.use_flex(self.path, q, s + extra, blockers, kind)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, rk: Tensor, limit: int,
-                  need_weights: bool):
+    def _with_bias(self, q: Tensor, k: Tensor, v: Tensor, rk: Tensor, limit: int,
+                   need_weights: bool):
+        """The (B, H, T, S) position bias materialised and handed to the attention core."""
         t, s = q.size(2), k.size(2)
         scale = 1.0 / math.sqrt(self.head_dim)
         dist = distances(t, s, q.device)  # (T, S)
@@ -167,38 +161,39 @@ class RelativeMultiHeadAttention(nn.Module):
             bias = F.pad(bias, (0, n))  # no position term for persistent keys
             mask = F.pad(mask, (0, n), value=True)
         return attention(q + self.u[:, None], k, v, bias=bias, mask=mask, scale=scale,
-                         need_weights=need_weights,
+                         need_weights=need_weights, path=self.path,
                          dropout=self.dropout if self.training else 0.0)
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor, rk: Tensor, limit: int) -> Tensor:
+        """Forward only: the position term inside the flex kernel, the band's block mask."""
         pos = torch.matmul(q + self.v[:, None], rk.transpose(-2, -1))  # (B, H, T, K) by distance
+        context, extra = k.size(2), 0
         if self.persistent is not None:
             k, v = self.persistent.extend(k, v)
-        z = None if self.span is None else self.span.spans().detach()
-        ramp = 1 if self.span is None else self.span.ramp
-        return flex_relative(q + self.u[:, None], k, v, pos, context=k.size(2) - (
-            0 if self.persistent is None else self.persistent.n), limit=limit, spans=z,
-            ramp=ramp, scale=1.0 / math.sqrt(self.head_dim))
+            extra = self.persistent.n
+        scale = 1.0 / math.sqrt(self.head_dim)
+        mod = relative_score_mod(pos, context, scale, self.span)
+        return flex.flex_band_attention(q + self.u[:, None], k, v, limit, True, scale,
+                                        score_mod=mod, extra=extra)
 
 
-def flex_relative(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, context: int, limit: int,
-                  spans: Tensor | None, ramp: int, scale: float) -> Tensor:
-    """Relative attention through ``flex_attention`` (forward only on CPU): returns (B, H, T, D).
+def relative_score_mod(pos: Tensor, context: int, scale: float,
+                       span: AdaptiveSpan | None) -> Callable[..., Tensor]:
+    """flex_attention's score_mod adding the position term of Transformer-XL (forward only).
 
-    ``q`` already holds q + u; ``pos`` (B, H, T, K) is (q + v) . W_R R_d for distances
-    d = 0..K-1 (K - 1 = the clamp); keys past ``context`` are persistent (no position, never
-    masked). Key j is visible to query i when 0 <= d <= ``limit``; with ``spans`` (H,) the
-    score gains log m_z(d) (adaptive span). The block mask lets the kernel skip blocks
-    outside the window.
+    ``pos`` (B, H, T, K) is (q + v) . W_R R_d for distances d = 0..K-1 (K - 1 = the clamp);
+    query i and key j < ``context`` are d = context - T + i - j apart, and the score gains
+    ``pos[b, h, i, min(d, K - 1)] * scale`` plus, with ``span``, log m_z(d) (adaptive span).
+    Keys from ``context`` on are persistent: no position term. The band's block mask (see
+    :func:`attnkit.nn.attention.flex.band_block_mask`) hides the keys with d < 0 or d > limit.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-    t, s = q.size(2), k.size(2)
-    dev = q.device
+    dev = pos.device
     # scalars as tensors: the compiled kernel is reused when only their values change
-    offset, lim, ctx = (torch.tensor(x, device=dev) for x in (context - t, limit, context))
+    offset, ctx = (torch.tensor(x, device=dev) for x in (context - pos.size(2), context))
     last = torch.tensor(pos.size(-1) - 1, device=dev)
-    z = spans if spans is not None else torch.zeros(q.size(1), device=dev)
-    use_span = spans is not None
+    z = span.spans().detach() if span is not None else torch.zeros(pos.size(1), device=dev)
+    use_span, ramp = span is not None, 1 if span is None else span.ramp  # not the module itself:
+    # the compiled kernel would guard on its identity and recompile for every layer
 
     def score_mod(score, b, h, qi, ki):
         d = qi + offset - ki
@@ -208,9 +203,4 @@ def flex_relative(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, context: int,
             term = term + torch.log(m.clamp_min(1e-30))
         return score + torch.where(ki < ctx, term, 0.0)
 
-    def mask_mod(b, h, qi, ki):
-        d = qi + offset - ki
-        return ((d >= 0) & (d <= lim)) | (ki >= ctx)
-
-    block_mask = create_block_mask(mask_mod, None, None, t, s, device=dev)
-    return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return score_mod
