@@ -249,6 +249,7 @@ def test_segment_scoring_counts_every_target_once():
     (dict(same_length=True, mem_len=0), "same_length"),
     (dict(d_ff=0), "persistent"),
     (dict(n_heads=3), "divisible|multiple"),
+    (dict(attention_path="fast"), "unknown model.attention_path 'fast'"),
 ])
 def test_bad_configs_are_one_line_errors(kw, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -264,6 +265,22 @@ def test_bad_memory_and_unknown_keys():
         model(torch.zeros(1, 3, dtype=torch.long), [torch.zeros(2, 4, 16)] * 2)
     with pytest.raises(ConfigError, match="did you mean 'arch.mem_len'"):
         xl_arch("tiny", {"memlen": 3}, 10)
+
+
+def test_run_configs_saved_with_the_old_switch_name_still_load():
+    """Run directories record the resolved config; those written before the switch was named
+    attention_path hold attn_impl, which the run loader's builder reads as attention_path."""
+    from attnkit.config import to_dict
+    from attnkit.models import build_lm
+    saved = to_dict(TransformerXLConfig(vocab_size=10, d_model=16, n_heads=2, n_layers=1))
+    assert saved.pop("attention_path") == "auto"
+    for value in ("auto", "explicit", "flex"):  # the old switch's values
+        config = {**saved, "attn_impl": value}
+        vocab = config.pop("vocab_size")
+        model, record = build_lm("transformer-xl", "", config, vocab)
+        assert model.cfg.attention_path == value and record["attention_path"] == value
+        assert "attn_impl" not in record  # saved again under the new name
+        assert model.layers[0].attn.path == value
 
 
 def _train_recipe(tmp_path, name, steps, **over):

@@ -139,7 +139,7 @@ class RelativeMultiHeadAttention(nn.Module):
                     "gradients are needed (no flex backward here)": grad,
                     "dropout > 0": self.training and self.dropout > 0}
         extra = 0 if self.persistent is None else self.persistent.n
-        kind = ("relative", None if self.span is None else self.span.ramp, rows)
+        kind = ("relative", None if self.span is None else self.span.ramp, rows, extra)
         return flex.use_flex(self.path, q, s + extra, blockers, kind)
 
     def _with_bias(self, q: Tensor, k: Tensor, v: Tensor, rk: Tensor, limit: int,
