@@ -131,9 +131,8 @@ class MultiHeadAttention(nn.Module):
             qkv = inference_linear(x, self.qkv_proj)  # (B, T, 3C), or packed (N, 3C)
             if packing is not None:
                 qkv, mask = packing.unpack(qkv), combine(mask, packing.mask)  # (B, S, 3C)
-            b, t, _ = qkv.shape
-            q, k, v = qkv.view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            if cache is not None:  # q, k, v: (B, H, T, D) each
+            q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))  # (B, H, T, D) each
+            if cache is not None:
                 k, v = cache.append(k, v)
         res = attention(q, k, v, mask=mask, bias=bias, need_weights=need_weights, causal=causal,
                         window=self.window, path=self.path,
