@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import sacrebleu
 
-from attnkit.evaluation import METRICS, bleu, exact_match, perplexity
+from attnkit.evaluation import METRICS, bits_per_character, bleu, exact_match, perplexity
 
 
 def test_exact_match_against_a_hand_count():
@@ -85,12 +85,15 @@ def test_bleu_equals_sacrebleu_with_its_default_settings_on_known_pairs():
         bleu(hyps[:-1], refs)
 
 
-def test_perplexity_from_a_hand_sum_of_log_probabilities():
+def test_perplexity_and_bpc_from_hand_sums_of_log_probabilities():
     rng = random.Random(1)
     probs = [rng.uniform(0.01, 1.0) for _ in range(50)]  # p(target) of 50 tokens
     nll = -math.fsum(math.log(p) for p in probs)  # float64
     # perplexity = geometric mean of 1 / p
     geometric = math.prod(1 / p for p in probs) ** (1 / len(probs))
     assert perplexity(nll, len(probs)) == pytest.approx(geometric, rel=1e-12)
+    # bits per character: the same tokens standing for 137 characters, in bits (log base 2)
+    bits = -math.fsum(math.log2(p) for p in probs)
+    assert bits_per_character(nll, 137) == pytest.approx(bits / 137, rel=1e-12)
     assert perplexity(50 * math.log(17), 50) == pytest.approx(17.0, rel=1e-12)  # uniform, V=17
     assert perplexity(0.0, 0) == 1.0
