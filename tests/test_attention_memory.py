@@ -93,6 +93,19 @@ def test_flex_window_keeps_o_t_memory():
         assert peak < BOUND_MIB, (name, peaks)
 
 
+def test_flex_window_equals_sdpa_band_small():
+    """The default run's one flex check (one compilation, forward only: flex has no CPU
+    backward): a causal window over two key tiles, the second partial; the slow test below
+    adds the non-causal window and the relative bias."""
+    torch.manual_seed(1)
+    t = 150  # one full 128 tile and a partial one
+    q, k, v = (torch.randn(1, 2, t, 8) for _ in range(3))
+    with torch.no_grad():
+        ref = attention(q, k, v, mask=band_mask(t, t, 5, True))
+        got = attention(q, k, v, window=5, causal=True, path="flex")
+    torch.testing.assert_close(got.out, ref.out, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow  # four flex_attention compilations: 20-160 s on 2 loaded cores
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_path_equals_sdpa_band_and_relative_bias(causal):

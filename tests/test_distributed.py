@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _resume import assert_resumed, mark_log
 from attnkit.train import distributed as dist
+from attnkit.train import latest_checkpoint, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "_train_script.py"
@@ -88,10 +90,13 @@ def test_ddp_resume_after_sigkill_is_bitwise_identical(tmp_path):
         os.kill(pid, signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "x.st").exists()
+    killed_at = load_state(latest_checkpoint(tmp_path / "run"))["step"]
+    before = mark_log(tmp_path / "run")
     res = subprocess.run([*base, "--run-dir", str(tmp_path / "run"), "--out",
                           str(tmp_path / "res.st")], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr
+    assert_resumed(tmp_path / "run", killed_at, res.stderr, before)
     a, b = load_file(tmp_path / "ref.st"), load_file(tmp_path / "res.st")
     for key in a:
         assert torch.equal(a[key], b[key]), key

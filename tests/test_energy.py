@@ -1,4 +1,4 @@
-"""Energy accounting: the paper's formula and Table 3, RAPL/NVML/codecarbon/model meters."""
+"""Energy accounting: the paper's formula and Table 3, RAPL/NVML/model meters."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def test_nvml_absent(monkeypatch):
         EnergyMeter(EnergyConfig(method="nvml", powercap_root=NO_POWERCAP))
 
 
-# ---- the CPU-time model and codecarbon (faked) --------------------------------------------------
+# ---- the CPU-time model ----------------------------------------------------------------------
 def test_cpu_time_model(monkeypatch):
     times = {"wall": 100.0, "cpu": 5.0}
     meter = EnergyMeter(EnergyConfig(method="model", cpu_watts_per_core=10.0,
@@ -189,47 +189,12 @@ def test_cpu_time_model(monkeypatch):
     assert r.model_cpu_j == r.cpu_j
 
 
-class _FakeTracker:
-    instances: list = []
-
-    def __init__(self, **kwargs):
-        self.kwargs, self._start_time = kwargs, None
-        _FakeTracker.instances.append(self)
-
-    def start(self):
-        self._start_time = 1.0
-
-    def _measure_power_and_energy_if_stale(self):
-        pass
-
-    def _prepare_emissions_data(self):
-        return types.SimpleNamespace(cpu_energy=1e-3, ram_energy=2e-4, gpu_energy=0.0)
-
-    def stop(self):
-        self.final_emissions_data = types.SimpleNamespace(cpu_energy=2e-3, ram_energy=5e-4,
-                                                          gpu_energy=0.0)
-
-
-def test_codecarbon_backend_when_no_counter(monkeypatch):
+def test_without_counters_auto_is_the_model_and_codecarbon_is_no_method(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setitem(sys.modules, "codecarbon",
-                        types.SimpleNamespace(OfflineEmissionsTracker=_FakeTracker))
-    meter = EnergyMeter(EnergyConfig(powercap_root=NO_POWERCAP))
-    assert meter.method == "codecarbon"
-    assert _FakeTracker.instances[-1].kwargs["tracking_mode"] == "process"
-    assert meter.reading().cpu_j == pytest.approx(3600.0)  # 1e-3 kWh
-    final = meter.stop()
-    assert (final.cpu_j, final.dram_j) == pytest.approx((7200.0, 1800.0))
-    record = account(final, EnergyConfig())
-    assert record["method"] == "codecarbon" and "model_estimate" in record
-
-
-def test_codecarbon_missing_is_an_error_only_when_asked(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setitem(sys.modules, "codecarbon", None)
     assert EnergyMeter(EnergyConfig(powercap_root=NO_POWERCAP)).method == "model"
-    with pytest.raises(UserError, match="attnkit\\[energy\\]"):
-        EnergyMeter(EnergyConfig(method="codecarbon"))
+    with pytest.raises(UserError, match="train.energy.method") as err:  # backend removed
+        EnergyConfig(method="codecarbon")
+    assert "\n" not in str(err.value)
 
 
 # ---- ranks and segments --------------------------------------------------------------------------

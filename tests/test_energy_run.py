@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _resume import assert_resumed, mark_log
 from _train_script import RandomBatches, TinyModel, loss_fn
 from attnkit.cli import main
 from attnkit.energy.account import account, read_energy
@@ -54,7 +55,7 @@ def test_fit_writes_energy_json_and_prints_one_line(tmp_path, capsys):
     assert Reading.from_dict(state["energy"]).segments == 1  # plain data in the checkpoint
 
 
-def test_energy_survives_a_crash_and_resume_stays_bitwise(tmp_path):
+def test_energy_survives_a_crash_and_resume_stays_bitwise(tmp_path, capsys):
     torch.set_num_threads(1)
     ref = _model()
     fit(ref, loss_fn, RandomBatches(seed=2), _cfg(steps=7), tmp_path / "ref", progress=False)
@@ -73,9 +74,12 @@ def test_energy_survives_a_crash_and_resume_stays_bitwise(tmp_path):
     assert first["segments"] == 1 and first["step"] == 5
     state = load_state(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 4 and state["energy"]["wall_s"] <= first["wall_s"]
+    before = mark_log(tmp_path / "run")
+    capsys.readouterr()
     torch.manual_seed(123)
     again = _model()
     fit(again, loss_fn, RandomBatches(seed=2), _cfg(steps=7), tmp_path / "run", progress=False)
+    assert_resumed(tmp_path / "run", 4, capsys.readouterr().err, before)
     for (k, a), b in zip(ref.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     final = read_energy(tmp_path / "run")

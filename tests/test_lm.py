@@ -231,7 +231,8 @@ def test_score_takes_a_plain_forward_function():
 
 # ---------------------------------------------------------------- with the trainer
 
-def test_fit_on_lm_windows_resumes_bitwise(tmp_path):
+def test_fit_on_lm_windows_resumes_bitwise(tmp_path, capsys):
+    from _resume import assert_resumed, mark_log
     from attnkit.models.gpt2 import GPT2, GPT2Config
     from attnkit.recipes.lm import loss_fn
     from attnkit.train.loop import TrainConfig, fit
@@ -241,17 +242,24 @@ def test_fit_on_lm_windows_resumes_bitwise(tmp_path):
     stream = torch.randint(0, 20, (300,))
     config = GPT2Config(vocab_size=20, n_positions=8, d_model=16, n_heads=2, n_layers=1)
 
-    def run(run_dir, steps):
+    def run(run_dir, steps, seen):
         torch.manual_seed(1)
         model = GPT2(config)  # dropout 0.1: the RNG state must resume too
         cfg = TrainConfig(steps=steps, save_every=3, log_every=1, eval_every=0,
                           optim=OptimConfig(name="adamw", schedule="constant", warmup_steps=0))
-        fit(model, loss_fn, LMWindows(stream, 8, 4, seed=5), cfg, run_dir, progress=False)
+        fit(model, lambda m, b: seen.append(b.ids) or loss_fn(m, b),
+            LMWindows(stream, 8, 4, seed=5), cfg, run_dir, progress=False)
         return model.state_dict()
 
-    straight = run(tmp_path / "a", 6)
-    run(tmp_path / "b", 3)
-    resumed = run(tmp_path / "b", 6)
+    straight_ids, resumed_ids = [], []
+    straight = run(tmp_path / "a", 6, straight_ids)
+    run(tmp_path / "b", 3, [])
+    before = mark_log(tmp_path / "b")
+    capsys.readouterr()
+    resumed = run(tmp_path / "b", 6, resumed_ids)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert_resumed(tmp_path / "b", 3, capsys.readouterr().err, before)
+    assert len(resumed_ids) == 3  # steps 4 to 6 only, on the windows the straight run drew
+    assert all(torch.equal(a, b) for a, b in zip(straight_ids[3:], resumed_ids, strict=True))
     assert not torch.equal(straight["tok_embed.weight"], GPT2(config).state_dict()[
         "tok_embed.weight"])

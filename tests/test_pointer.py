@@ -187,19 +187,25 @@ def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
     assert not run.exists()
 
 
-def test_an_interrupted_pointer_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+def test_an_interrupted_pointer_run_resumes_to_the_same_weights(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from _resume import assert_resumed, mark_log
     from attnkit.recipes import RECIPES, resolve_config
     from attnkit.recipes.pointer import main
     from attnkit.train.checkpoint import load_weights
 
     run = tmp_path / "run"
-    cfg = resolve_config(RECIPES["pointer-sort"], overrides=tiny_overrides(run))
+    cfg = resolve_config(RECIPES["pointer-sort"],
+                         overrides=[*tiny_overrides(run), "train.log_every=1"])
     main(cfg)
     last = run / "checkpoints" / "step-000004.safetensors"
     uninterrupted = load_weights(last)
     last.unlink()  # as if the run had stopped after its step-2 checkpoint
     (run / "checkpoints" / "step-000004.state.pt").unlink()
+    before = mark_log(run)
+    capsys.readouterr()
     main(cfg)
+    assert_resumed(run, 2, capsys.readouterr().err, before)
     resumed = load_weights(last)
     assert resumed.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from _resume import assert_resumed, mark_log
 from _train_script import Batch, HalfBatches, RandomBatches, TinyModel, loss_fn, make_batch
 from attnkit.errors import UserError
 from attnkit.train import OptimConfig, TrainConfig, fit, latest_checkpoint, load_state
@@ -97,10 +98,12 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert not (tmp_path / "killed.st").exists()
     killed_at = load_state(latest_checkpoint(tmp_path / "run"))["step"]
     assert 4 <= killed_at < 12
+    before = mark_log(tmp_path / "run")
     resumed = _run([*steps, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "res.st")])
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
     assert f"resuming from {tmp_path / 'run' / 'checkpoints'}" in err
+    assert_resumed(tmp_path / "run", killed_at, err, before)
     out_ref, err_ref = ref.communicate(timeout=120)
     assert ref.returncode == 0, err_ref
     assert out.strip() == out_ref.strip()  # same final step and token count
@@ -116,7 +119,7 @@ class Crash(Exception):
     pass
 
 
-def test_in_process_resume_with_dropout_is_bitwise_identical(tmp_path):
+def test_in_process_resume_with_dropout_is_bitwise_identical(tmp_path, capsys):
     torch.set_num_threads(1)
     ref = _model()
     fit(ref, loss_fn, RandomBatches(seed=2), _cfg(steps=7, accum_steps=2), tmp_path / "ref",
@@ -132,11 +135,17 @@ def test_in_process_resume_with_dropout_is_bitwise_identical(tmp_path):
     with pytest.raises(Crash):
         fit(_model(), crashing, RandomBatches(seed=2), _cfg(steps=7, accum_steps=2),
             tmp_path / "run", progress=False)
+    before = mark_log(tmp_path / "run")
+    capsys.readouterr()
     torch.manual_seed(123)  # the resumed process's RNG state differs: fit must restore it
     again = _model()
-    result = fit(again, loss_fn, RandomBatches(seed=2), _cfg(steps=7, accum_steps=2),
-                 tmp_path / "run", progress=False)
+    seen: list[Batch] = []
+    result = fit(again, lambda m, b: seen.append(b) or loss_fn(m, b), RandomBatches(seed=2),
+                 _cfg(steps=7, accum_steps=2), tmp_path / "run", progress=False)
     assert result.step == 7
+    assert_resumed(tmp_path / "run", 4, capsys.readouterr().err, before)
+    assert len(seen) == (7 - 4) * 2  # steps 5 to 7 only, two micro-batches each
+    assert torch.equal(seen[0].x, make_batch(2, 8, 8).x)  # the stream restored to batch 4 x 2
     for (k, a), b in zip(ref.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 

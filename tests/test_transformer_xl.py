@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from _resume import assert_resumed, mark_log
 from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.errors import ConfigError, UserError
 from attnkit.models.transformer_xl import TransformerXL, TransformerXLConfig, xl_arch
@@ -312,7 +313,10 @@ def test_resumed_training_with_memory_equals_uninterrupted(tmp_path, capsys):
     assert len(state["data"]["memory"]) == 2  # one memory tensor per layer
     last.unlink()  # as if killed before step 4 was saved
     state_path(last).unlink()
+    before = mark_log(tmp_path / "run")
+    capsys.readouterr()
     main(cfg)
+    assert_resumed(tmp_path / "run", 2, capsys.readouterr().err, before)
     again = load_weights(latest_checkpoint(tmp_path / "run"))
     assert whole.keys() == again.keys() and all(whole[k].equal(again[k]) for k in whole)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -396,7 +400,8 @@ def test_two_process_resume_restores_each_ranks_memory(tmp_path):
     sets = [f"data.train={text}", f"run_dir={run}", "seg_len=8", "batch_size=4", "preset=tiny",
             "arch.d_model=16", "arch.n_heads=2", "arch.n_layers=2", "arch.d_ff=32",
             "arch.mem_len=8", "arch.dropout=0.1", "train.steps=4", "train.eval_every=0",
-            "train.save_every=2", "train.threads=1", "eval.max_chars=200", "sample.n=0"]
+            "train.save_every=2", "train.log_every=1", "train.threads=1", "eval.max_chars=200",
+            "sample.n=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--standalone", "-m", "attnkit", "train", "xl-lm",
            *[a for s in sets for a in ("--set", s)]]
@@ -410,8 +415,10 @@ def test_two_process_resume_restores_each_ranks_memory(tmp_path):
     whole = load_weights(last)
     last.unlink()  # as if killed before step 4 was saved
     state_path(last).unlink()
+    before = mark_log(run)
     again = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert_resumed(run, 2, again.stderr, before)
     assert "empty memory" not in again.stderr
     resumed = load_weights(latest_checkpoint(run))
     assert all(whole[k].equal(resumed[k]) for k in whole)

@@ -1,7 +1,8 @@
 """attnkit.viz in a real browser: headless Chromium driven by Selenium, no network.
 
-Skipped (with the reason) only when Chromium, chromedriver or selenium is not installed;
-`.ci/run` installs Debian's chromium and chromium-driver before the tests.
+Skipped (with the reason) only when Chromium, chromedriver or selenium is not installed:
+`make test` does not install a browser; `.ci/run` runs ``apt-get install chromium
+chromium-driver`` first, and so can you (INSTALL below).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from attnkit import viz
 from attnkit.models.transformer import Transformer, transformer_config
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+INSTALL = "apt-get install chromium chromium-driver"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-gpu",
          "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
@@ -43,8 +45,8 @@ def start_browser(user_data_dir: str):
 def browser():
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:
-        pytest.skip(f"browser tests need Debian's chromium and chromium-driver "
-                    f"({', '.join(missing)} missing)")
+        pytest.skip(f"browser tests need Chromium: {', '.join(missing)} missing; install "
+                    f"with `{INSTALL}` (Debian/Ubuntu, as root)")
     pytest.importorskip("selenium", reason="browser tests need selenium (pip install selenium)")
     profile = tempfile.mkdtemp(prefix="attnkit-chromium-")
     driver = start_browser(profile)

@@ -2,7 +2,7 @@
 
 - :mod:`attnkit.energy.strubell`: the paper's formula, Table 3 inputs, Table 1 comparisons;
 - :mod:`attnkit.energy.config`: :class:`EnergyConfig` (``train.energy``) and carbon intensities;
-- :mod:`attnkit.energy.meter`: RAPL, NVML, codecarbon and the CPU-time model;
+- :mod:`attnkit.energy.meter`: RAPL, NVML and the CPU-time model;
 - :mod:`attnkit.energy.account`: a run's ``energy.json`` and one-line summary;
 - :mod:`attnkit.energy.estimate`: time, energy, CO2e and cost before training (6 N D FLOPs);
 - :mod:`attnkit.energy.report`: runs compared by energy, CO2e and quality reached.

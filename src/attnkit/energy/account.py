@@ -35,7 +35,6 @@ METHOD_NOTES = {
     "rapl": "RAPL counters (CPU packages, DRAM)",
     "nvml": "NVML GPU energy",
     "model": "model: CPU time x W/core + memory x W/GB",
-    "codecarbon": "codecarbon offline tracker",
 }
 
 

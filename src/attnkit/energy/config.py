@@ -15,7 +15,7 @@ from attnkit.config import unknown
 from attnkit.energy.strubell import KG_PER_LB, LBS_PER_KWH_US, PUE
 from attnkit.errors import ConfigError
 
-METHODS = ("auto", "rapl", "nvml", "model", "codecarbon")
+METHODS = ("auto", "rapl", "nvml", "model")
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,11 @@ class EnergyConfig:
     """How a run's energy is measured and converted (``--set train.energy.KEY=VALUE``).
 
     ``method``: ``auto`` takes RAPL counters for CPU and DRAM when readable and NVML for NVIDIA
-    GPUs, else codecarbon's offline tracker when installed (``pip install attnkit[energy]``),
-    else the CPU-time model: CPU seconds x ``cpu_watts_per_core`` + wall hours x resident
+    GPUs, else the CPU-time model: CPU seconds x ``cpu_watts_per_core`` + wall hours x resident
     memory x ``dram_watts_per_gb``. A named method that is unavailable is an error.
     """
 
-    method: Literal["auto", "rapl", "nvml", "model", "codecarbon"] = "auto"
+    method: Literal["auto", "rapl", "nvml", "model"] = "auto"
     pue: float = PUE  # data-centre power usage effectiveness (Strubell et al.: 1.58)
     region: str = "us-2019"  # a key of REGIONS
     carbon_intensity: float = 0.0  # kg CO2e per kWh; > 0 overrides the region
@@ -59,7 +58,6 @@ class EnergyConfig:
     cpu_watts_per_core: float = 7.5  # a busy core: e.g. Xeon Platinum 8280, 205 W / 28 cores
     dram_watts_per_gb: float = 0.375  # 3 W per 8 GB of resident memory
     powercap_root: str = "/sys/class/powercap"  # where the RAPL counters live
-    country_iso_code: str = "USA"  # codecarbon's offline tracker needs a country
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -1,4 +1,4 @@
-"""Measuring the energy of one process's work: RAPL, NVML, codecarbon, or the CPU-time model.
+"""Measuring the energy of one process's work: RAPL, NVML, or the CPU-time model.
 
 Sources, best first (``EnergyConfig.method="auto"``):
 
@@ -9,8 +9,6 @@ Sources, best first (``EnergyConfig.method="auto"``):
   Package sub-zones ``core``/``uncore`` are inside the package and are not added again.
 - **NVML** (``pynvml``/``nvidia-ml-py``) for NVIDIA GPUs: the total-energy counter (mJ, Volta
   and newer), else the power reading (mW) integrated by the trapezoid rule.
-- **codecarbon**'s ``OfflineEmissionsTracker`` (``pip install attnkit[energy]``) when neither
-  counter is readable, in its ``process`` tracking mode.
 - **The CPU-time model** otherwise: CPU seconds (user + system, children included) x
   ``cpu_watts_per_core`` for the CPU, and wall seconds x peak resident memory (GB) x
   ``dram_watts_per_gb`` for DRAM. It is always computed too, as a cross-check.
@@ -22,12 +20,10 @@ random number generator.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import resource
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -253,47 +249,6 @@ class Nvml:
             pass
 
 
-# ---- codecarbon --------------------------------------------------------------------------------
-
-class Codecarbon:
-    """codecarbon's offline tracker (process mode, nothing written to disk); kWh per component."""
-
-    def __init__(self, cfg: EnergyConfig):
-        try:
-            cc = importlib.import_module("codecarbon")
-        except ImportError:
-            raise Unavailable("codecarbon is not installed (pip install attnkit[energy])"
-                              ) from None
-        logging.getLogger("codecarbon").setLevel(logging.ERROR)  # no INFO lines mid-progress
-        try:
-            with warnings.catch_warnings():  # save_to_file is deprecated in newer releases
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.tracker = cc.OfflineEmissionsTracker(
-                    country_iso_code=cfg.country_iso_code, save_to_file=False,
-                    log_level="error", tracking_mode="process", allow_multiple_runs=True)
-            self.tracker.start()
-        except Exception as err:
-            raise Unavailable(f"codecarbon does not start here: {err}") from None
-        if getattr(self.tracker, "_start_time", 0) is None:  # its methods swallow exceptions
-            raise Unavailable("codecarbon does not start here")
-        self.last = (0.0, 0.0, 0.0)
-
-    def joules(self, final: bool = False) -> tuple[float, float, float]:
-        """(CPU, DRAM, GPU) joules so far; ``final`` stops the tracker."""
-        try:
-            if final:
-                self.tracker.stop()
-                data = self.tracker.final_emissions_data
-            else:  # an intermediate reading: codecarbon has no public call for it
-                self.tracker._measure_power_and_energy_if_stale()
-                data = self.tracker._prepare_emissions_data()
-            self.last = tuple(float(getattr(data, k)) * 3.6e6
-                              for k in ("cpu_energy", "ram_energy", "gpu_energy"))
-        except Exception:  # keep the last good reading rather than fail a training run
-            pass
-        return self.last
-
-
 # ---- the meter ---------------------------------------------------------------------------------
 
 def _try(make: Callable[[], Any], required: bool, method: str) -> Any:
@@ -316,15 +271,12 @@ class EnergyMeter:
     poll_seconds: float = 5.0
     rapl: Rapl | None = field(init=False, default=None)
     nvml: Nvml | None = field(init=False, default=None)
-    codecarbon: Codecarbon | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         m = self.cfg.method
         if m in ("auto", "rapl", "nvml"):
             self.rapl = _try(lambda: Rapl(self.cfg.powercap_root), m == "rapl", m)
             self.nvml = _try(lambda: Nvml(self.clock), m == "nvml", m)
-        if m == "codecarbon" or (m == "auto" and self.rapl is None and self.nvml is None):
-            self.codecarbon = _try(lambda: Codecarbon(self.cfg), m == "codecarbon", m)
         self.start_wall, self.start_cpu = self.clock(), self.cpu_clock()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -336,8 +288,6 @@ class EnergyMeter:
 
     @property
     def method(self) -> str:
-        if self.codecarbon is not None:
-            return "codecarbon"
         cpu = "rapl" if self.rapl is not None else "model"
         return cpu + ("+nvml" if self.nvml is not None else "")
 
@@ -352,15 +302,13 @@ class EnergyMeter:
                 if source is not None:
                     source.poll()
 
-    def reading(self, final: bool = False) -> Reading:
-        """Totals since the meter started (``final``: the codecarbon tracker is stopped)."""
+    def reading(self) -> Reading:
+        """Totals since the meter started."""
         with self._lock:
             wall = self.clock() - self.start_wall
             cpu_s = self.cpu_clock() - self.start_cpu
             model_cpu, model_dram = model_joules(cpu_s, wall, self.rss_gb(), self.cfg)
             cpu_j, dram_j, gpu_j, scope = model_cpu, model_dram, 0.0, "process"
-            if self.codecarbon is not None:
-                cpu_j, dram_j, gpu_j = self.codecarbon.joules(final)
             if self.rapl is not None:
                 (cpu_j, dram_j), scope = self.rapl.joules(), "node"
                 dram_j = dram_j if self.rapl.dram else model_dram  # no DRAM zone: the model
@@ -369,15 +317,14 @@ class EnergyMeter:
             gpus = len(self.nvml.handles) if self.nvml is not None else 0
         return Reading(wall_s=wall, cpu_s=cpu_s, cpu_j=cpu_j, dram_j=dram_j, gpu_j=gpu_j,
                        n_gpus=gpus, model_cpu_j=model_cpu, model_dram_j=model_dram,
-                       method=self.method, cpu_scope=scope,
-                       gpu_scope="process" if self.codecarbon is not None else "node")
+                       method=self.method, cpu_scope=scope)
 
     def stop(self) -> Reading:
-        """The final reading; stops the poller, codecarbon and NVML."""
+        """The final reading; stops the poller and NVML."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_seconds + 1)
-        final = self.reading(final=True)
+        final = self.reading()
         if self.nvml is not None:
             self.nvml.close()
         return final
