@@ -150,7 +150,7 @@ def run_one(task: str, model: str, out: Path, minutes: float, threads: int,
 def summarise(task: str, model: str, run_dir: Path) -> dict:
     """What one run reached: the curve, the last evaluation, throughput, load, parameters."""
     timing = json.loads((run_dir / "bench_timing.json").read_text())
-    from attnkit.train.log import read_metrics
+    from attnkit.rundir import read_metrics
 
     records = read_metrics(run_dir)
     arrived = list(zip(timing["arrivals"], records, strict=False))

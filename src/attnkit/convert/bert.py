@@ -22,7 +22,6 @@ from attnkit.models.bert import BertConfig, build_bert
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
 
 MODEL_TYPES = ("bert", "roberta", "distilbert")
-CONFIG_TYPES = (BertConfig, DistilBertConfig)
 
 _ACT_FROM_HF = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh"}
@@ -139,11 +138,6 @@ def config_to_hf(cfg: BertConfig | DistilBertConfig) -> dict:
 def build(cfg: BertConfig | DistilBertConfig) -> nn.Module:
     """The attnkit module a config describes (encoder, or encoder with heads)."""
     return build_distilbert(cfg) if _family(cfg) == "distilbert" else build_bert(cfg)
-
-
-def family_of(model: nn.Module) -> bool:
-    """True for the modules this family saves (they carry their config as ``.cfg``)."""
-    return isinstance(getattr(model, "cfg", None), CONFIG_TYPES)
 
 
 # -- state dicts ------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from attnkit.errors import UserError
 from attnkit.models.gpt2 import GPT2, GPT2Config
 
 MODEL_TYPES = ("gpt2",)
-CONFIG_TYPES = (GPT2Config,)
 PREFIX = "transformer."
 
 # top-level Hugging Face name (without the prefix) -> ours
@@ -91,10 +90,6 @@ def config_to_hf(cfg: GPT2Config) -> dict:
 
 def build(cfg: GPT2Config) -> nn.Module:
     return GPT2(cfg)
-
-
-def family_of(model: nn.Module) -> bool:
-    return isinstance(model, GPT2)
 
 
 def _key_from_hf(key: str) -> tuple[str | None, bool]:

@@ -3,7 +3,8 @@
 A Hugging Face directory holds ``config.json`` (with ``model_type``), the weights
 (``model.safetensors``, a sharded ``model.safetensors.index.json``, or the older
 ``pytorch_model.bin``) and usually ``tokenizer.json``. Conversion is a pure mapping from one state
-dict to another, done by a *family module* listed in :data:`FAMILIES` (imported lazily) that
+dict to another, done by the *converter module* a family of the family table
+(:data:`attnkit.models.FAMILIES`, its ``hf_types`` and ``converter``) names; imported lazily, it
 provides:
 
 - ``MODEL_TYPES``: the Hugging Face ``model_type`` values it reads;
@@ -16,8 +17,6 @@ provides:
   they are reported as unexpected;
 - ``state_to_hf(sd, cfg) -> dict``: the Hugging Face state dict (tied weights stored once, as
   transformers saves them); it maps any subset of keys;
-- ``family_of(model) -> bool`` or ``CONFIG_TYPES``: which modules :func:`save_pretrained` may
-  write with it.
 
 :func:`from_pretrained` checks the key sets and shapes and names every missing, unexpected or
 mismatched tensor in a one-line :class:`UserError`.
@@ -43,12 +42,6 @@ from attnkit.errors import UserError
 from attnkit.paths import confined
 from attnkit.train.checkpoint import torch_load
 
-FAMILIES: dict[str, str] = {
-    "gpt2": "attnkit.convert.gpt2",
-    "bert": "attnkit.convert.bert",
-    "roberta": "attnkit.convert.bert",
-    "distilbert": "attnkit.convert.bert",
-}
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 TORCH_BIN = "pytorch_model.bin"
@@ -65,11 +58,21 @@ class Pretrained:
     model_type: str        # the Hugging Face model_type
 
 
+def hf_types() -> dict[str, str]:
+    """Hugging Face ``model_type`` -> the attnkit family that reads it (from the table)."""
+    from attnkit.models import FAMILIES
+
+    return {t: name for name, fam in FAMILIES.items() for t in fam.hf_types}
+
+
 def family_module(model_type: str) -> ModuleType:
-    """The family module converting Hugging Face ``model_type`` (UserError when unknown)."""
-    if model_type not in FAMILIES:
-        raise unknown("Hugging Face model_type", model_type, FAMILIES)
-    return importlib.import_module(FAMILIES[model_type])
+    """The converter module of Hugging Face ``model_type`` (UserError when unknown)."""
+    from attnkit.models import FAMILIES
+
+    types = hf_types()
+    if model_type not in types:
+        raise unknown("Hugging Face model_type", model_type, types)
+    return importlib.import_module(FAMILIES[types[model_type]].converter)
 
 
 def _first_line(err: BaseException) -> str:
@@ -194,21 +197,18 @@ def from_pretrained(path: str | Path, *, family: str | None = None) -> Pretraine
 
 
 def family_for(model: nn.Module) -> ModuleType:
-    """The family module that can save ``model`` (UserError when none can)."""
+    """The converter module that can save ``model`` (UserError when its family has none)."""
+    from attnkit.models import FAMILIES, family_of
+
     model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
-    for module_path in dict.fromkeys(FAMILIES.values()):
-        try:
-            fam = importlib.import_module(module_path)
-        except ImportError:
-            continue
-        check = getattr(fam, "family_of", None)
-        if check is not None and check(model):
-            return fam
-        types = getattr(fam, "CONFIG_TYPES", ())
-        if types and isinstance(getattr(model, "config", None), types):
-            return fam
-    raise UserError(f"cannot save a {type(model).__name__} in Hugging Face format; "
-                    f"supported families: {', '.join(sorted(FAMILIES))}")
+    try:
+        name = family_of(model)
+    except UserError:
+        name = type(model).__name__
+    if name not in FAMILIES or not FAMILIES[name].converter:
+        raise UserError(f"cannot save a {name} model in Hugging Face format; supported "
+                        f"families: {', '.join(sorted(set(hf_types().values())))}")
+    return importlib.import_module(FAMILIES[name].converter)
 
 
 EXPORT_MARK = "attnkit_export"  # key in config.json: this directory is one attnkit wrote

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from attnkit.errors import UserError
+from attnkit.rundir import atomic_path
 
 CORPORA: dict[str, dict] = {
     "enwik8": {"url": "http://mattmahoney.net/dc/enwik8.zip", "member": "enwik8",
@@ -46,8 +47,6 @@ def sha256(path: str | Path) -> str:
 def _download(url: str, dest: Path, progress: bool) -> None:
     """``url`` to ``dest`` (atomically), with a progress bar; a one-line error."""
     from tqdm import tqdm
-
-    from attnkit.train.checkpoint import atomic_path
 
     try:
         with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp, \
@@ -79,7 +78,6 @@ def fetch_corpus(name: str, directory: str | Path = "data", progress: bool = Tru
     paths of ``train.txt``, ``valid.txt`` and ``test.txt``. An archive or text already there is
     checked and reused; without a network the error is one line."""
     from attnkit.config import unknown
-    from attnkit.train.checkpoint import atomic_path
 
     if name not in CORPORA:
         raise unknown("corpus", name, CORPORA)

@@ -8,10 +8,10 @@
 - :mod:`attnkit.energy.report`: runs compared by energy, CO2e and quality reached.
 """
 
-from attnkit.energy.account import ENERGY_JSON, RunEnergy, account, read_energy, summary_line
+from attnkit.energy.account import RunEnergy, account, read_energy, summary_line
 from attnkit.energy.config import REGIONS, EnergyConfig
 from attnkit.energy.meter import EnergyMeter, Reading
 from attnkit.energy.strubell import co2e_lbs, energy_kwh
 
-__all__ = ["ENERGY_JSON", "REGIONS", "EnergyConfig", "EnergyMeter", "Reading", "RunEnergy",
+__all__ = ["REGIONS", "EnergyConfig", "EnergyMeter", "Reading", "RunEnergy",
            "account", "co2e_lbs", "energy_kwh", "read_energy", "summary_line"]

@@ -26,8 +26,8 @@ from typing import Any
 from attnkit.energy.config import REGIONS, EnergyConfig
 from attnkit.energy.meter import EnergyMeter, Reading, add, combine
 from attnkit.energy.strubell import J_PER_KWH, kg_to_lbs
+from attnkit.rundir import ENERGY, write_json_atomic
 
-ENERGY_JSON = "energy.json"
 VERSION = 1
 WRITE_EVERY_S = 60.0  # energy.json refresh period at logging steps
 
@@ -89,7 +89,7 @@ def summary_line(record: dict[str, Any]) -> str:
 
 def read_energy(run_dir: str | Path) -> dict[str, Any] | None:
     """A run's ``energy.json`` (None when absent or unreadable)."""
-    path = Path(run_dir) / ENERGY_JSON
+    path = Path(run_dir) / ENERGY
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         Reading.from_dict(record["reading"])
@@ -145,11 +145,9 @@ class RunEnergy:
         return self._write(step, tokens, metrics)
 
     def _write(self, step: int, tokens: int, metrics: dict | None) -> dict[str, Any]:
-        from attnkit.train.checkpoint import write_json_atomic  # train imports this module
-
         record = account(self.total, self.cfg)
         record.update(step=step, tokens=tokens, metrics=dict(metrics or {}))
-        write_json_atomic(self.run_dir / ENERGY_JSON, record)
+        write_json_atomic(self.run_dir / ENERGY, record)
         self.last_write = time.monotonic()
         return record
 

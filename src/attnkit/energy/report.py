@@ -14,6 +14,7 @@ from pathlib import Path
 
 from attnkit.energy.account import read_energy
 from attnkit.errors import UserError
+from attnkit.rundir import atomic_path, read_metrics
 
 
 @dataclass
@@ -47,8 +48,6 @@ def _results(run: Path) -> dict[str, float]:
 
 
 def _losses(run: Path) -> tuple[float | None, float | None]:
-    from attnkit.train.log import read_metrics  # the trainer imports this package
-
     loss = val = None
     for record in read_metrics(run):
         if isinstance(record.get("loss"), (int, float)):
@@ -101,8 +100,6 @@ def plot(runs: list[RunCost], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from attnkit.train.checkpoint import atomic_path
 
     names = [r.name for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(runs), 4))

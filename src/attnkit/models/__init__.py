@@ -1,95 +1,178 @@
-"""Model families for sequence-to-sequence recipes: name -> builder (preset, overrides, vocab)."""
+"""The family table: every model family attnkit knows, in one plain dict (as ``SCORES`` is).
+
+An entry says what each command needs to know about a family: its config class, presets and
+builder (``train``), how a recorded config rebuilds it (``eval``, ``load``), which decoding
+protocol it speaks (``generate``, ``translate``), its Hugging Face ``model_type`` and converter
+(``export``, reading Hugging Face directories), how ``viz`` captures its attention, and its
+tensor-parallel plan. Adding a family is one model file and one entry::
+
+    FAMILIES["mine"] = Family(MyConfig, MyModel, arch=my_arch, decoding="lm",
+                              viz="attnkit.viz.families:LM")
+
+Converters and viz captures sit above this layer, so they are named by import path
+(``"module:attribute"``) and imported only when used.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from torch import nn
 
 from attnkit.config import from_dict, to_dict, unknown
-from attnkit.models.rnn import build_rnn, build_rnn_attention, rnn_arch, rnn_attention_arch
-from attnkit.models.transformer import PRESETS, Transformer, TransformerConfig
-from attnkit.models.transformer_xl import build_transformer_xl, xl_arch
+from attnkit.errors import UserError
+from attnkit.models import bert, distilbert, gpt2, rnn, transformer, transformer_xl
+from attnkit.models.act import ParityACT, ParityModelConfig
+from attnkit.models.ntm import NTM, NTMConfig
+from attnkit.models.pointer import PointerConfig, PointerNet
+
+Decoding = Literal["seq2seq", "lm"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (see the module docstring)."""
+
+    config: type                                # its frozen config dataclass
+    build: Callable[[Any], nn.Module]           # config -> freshly initialised model
+    arch: Callable[..., Any] | None = None      # (preset, arch, *vocab sizes) -> checked config
+    presets: Mapping[str, dict] = field(default_factory=dict)
+    decoding: Decoding | None = None            # "seq2seq": source -> target; "lm": prompt
+    hf_types: tuple[str, ...] = ()              # Hugging Face model_type(s) it reads
+    converter: str = ""                         # module of its Hugging Face state-dict mapping
+    viz: str = ""                               # "module:attribute" of its viz capture
+    accepts: Callable[[Any], bool] | None = None  # among families sharing a config class
+    tp_plan: Mapping[str, Any] | None = None    # tensor-parallel plan (module path -> style)
 
 
 def transformer_arch(preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0
-                     ) -> TransformerConfig:
+                     ) -> transformer.TransformerConfig:
     """The validated config of a preset plus ``arch`` overrides, sized for the vocabularies."""
-    if preset not in PRESETS:
-        raise unknown("transformer preset", preset, PRESETS)
-    data = {**PRESETS[preset], **arch, "src_vocab_size": src_vocab, "tgt_vocab_size": tgt_vocab}
-    return from_dict(TransformerConfig, data, prefix="arch.")
+    if preset not in transformer.PRESETS:
+        raise unknown("transformer preset", preset, transformer.PRESETS)
+    data = {**transformer.PRESETS[preset], **arch, "src_vocab_size": src_vocab,
+            "tgt_vocab_size": tgt_vocab}
+    return from_dict(transformer.TransformerConfig, data, prefix="arch.")
 
 
-def build_transformer(preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0
-                      ) -> tuple[nn.Module, dict]:
-    """A Transformer from a preset plus ``arch`` overrides; returns it and its resolved config."""
-    cfg = transformer_arch(preset, arch, src_vocab, tgt_vocab)
-    return Transformer(cfg), to_dict(cfg)
+def gpt2_arch(preset: str, arch: dict, vocab: int) -> gpt2.GPT2Config:
+    """GPT-2's validated config: a preset ("" = GPT2Config's defaults) plus ``arch``."""
+    if preset and preset not in gpt2.PRESETS:
+        raise unknown("gpt2 preset", preset, gpt2.PRESETS)
+    data = {**gpt2.PRESETS.get(preset, {}), **arch, "vocab_size": vocab}
+    return from_dict(gpt2.GPT2Config, data, prefix="arch.")
 
 
-# family name -> (validate(preset, arch, vocab...) -> config, build(...) -> (model, config dict))
-SEQ2SEQ_MODELS: dict[str, tuple[Callable[..., object], Callable[..., tuple[nn.Module, dict]]]] = {
-    "transformer": (transformer_arch, build_transformer),
-    "rnn-attention": (rnn_attention_arch, build_rnn_attention),
-    "rnn": (rnn_arch, build_rnn),
+_BERT = dict(converter="attnkit.convert.bert", viz="attnkit.viz.families:BERT")
+
+FAMILIES: dict[str, Family] = {
+    "transformer": Family(transformer.TransformerConfig, transformer.Transformer,
+                          transformer_arch, transformer.PRESETS, "seq2seq",
+                          viz="attnkit.viz.families:TRANSFORMER"),
+    "rnn-attention": Family(rnn.RNNConfig, rnn.RNNSeq2Seq, rnn.rnn_attention_arch, rnn.PRESETS,
+                            "seq2seq", viz="attnkit.viz.families:RNN",
+                            accepts=lambda c: c.attention != "none"),
+    "rnn": Family(rnn.RNNConfig, rnn.RNNSeq2Seq, rnn.rnn_arch, rnn.PRESETS, "seq2seq",
+                  accepts=lambda c: c.attention == "none"),
+    "gpt2": Family(gpt2.GPT2Config, gpt2.GPT2, gpt2_arch, gpt2.PRESETS, "lm", ("gpt2",),
+                   "attnkit.convert.gpt2", "attnkit.viz.families:GPT2"),
+    "transformer-xl": Family(transformer_xl.TransformerXLConfig, transformer_xl.TransformerXL,
+                             transformer_xl.xl_arch, transformer_xl.PRESETS, "lm",
+                             viz="attnkit.viz.families:XL"),
+    "bert": Family(bert.BertConfig, bert.build_bert, presets=bert.PRESETS, hf_types=("bert",),
+                   accepts=lambda c: c.variant == "bert", **_BERT),
+    "roberta": Family(bert.BertConfig, bert.build_bert, presets=bert.PRESETS,
+                      hf_types=("roberta",), accepts=lambda c: c.variant == "roberta", **_BERT),
+    "distilbert": Family(distilbert.DistilBertConfig, distilbert.build_distilbert,
+                         presets=distilbert.PRESETS, hf_types=("distilbert",), **_BERT),
+    "pointer": Family(PointerConfig, PointerNet, viz="attnkit.viz.families:POINTER"),
+    "ntm": Family(NTMConfig, NTM, viz="attnkit.viz.families:NTM"),
+    "parity-act": Family(ParityModelConfig, ParityACT),
 }
 
 
+def get_family(name: str) -> Family:
+    """The table's entry ``name`` (a one-line error suggesting the nearest name)."""
+    if name not in FAMILIES:
+        raise unknown("model family", name, FAMILIES)
+    return FAMILIES[name]
+
+
+def names(decoding: Decoding | None = None) -> list[str]:
+    """The families that can be trained from a preset and speak ``decoding`` (all if None)."""
+    return [n for n, f in FAMILIES.items()
+            if f.arch is not None and (decoding is None or f.decoding == decoding)]
+
+
+def config_of(model: nn.Module) -> Any:
+    """A model's config object (``.config`` as in transformers, or ``.cfg``)."""
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+    if cfg is None:
+        raise UserError(f"a {type(model).__name__} carries no config (.config or .cfg)")
+    return cfg
+
+
+def family_of(model: nn.Module) -> str:
+    """The name of ``model``'s family, found by its config (models with heads included)."""
+    cfg = config_of(model)
+    for name, fam in FAMILIES.items():
+        if isinstance(cfg, fam.config) and (fam.accepts is None or fam.accepts(cfg)):
+            return name
+    raise UserError(f"{type(model).__name__} belongs to no family of attnkit.models.FAMILIES")
+
+
+def model_record(model: nn.Module) -> dict:
+    """What config.json records of a built model: ``{"family", "config"}``; the config
+    rebuilds it (:func:`rebuild`)."""
+    return {"family": family_of(model), "config": to_dict(config_of(model))}
+
+
+def rebuild(record: dict) -> nn.Module:
+    """A fresh model from a recorded ``{"family", "config"}``."""
+    fam = get_family(record.get("family", "?"))
+    return fam.build(from_dict(fam.config, record["config"]))
+
+
+def _checked(name: str, decoding: Decoding) -> Family:
+    if name not in names(decoding):
+        raise unknown("model", name, names(decoding))
+    return FAMILIES[name]
+
+
+def check(name: str, decoding: Decoding, preset: str, arch: dict) -> Any:
+    """Validate a family that speaks ``decoding``, a preset and overrides (vocabulary 1)."""
+    return _checked(name, decoding).arch(preset, arch, 1)
+
+
+def build(name: str, decoding: Decoding, preset: str, arch: dict, *vocab: int
+          ) -> tuple[nn.Module, dict]:
+    """Build family ``name`` from a preset and ``arch`` overrides sized for ``vocab``; returns
+    the model and its resolved config."""
+    fam = _checked(name, decoding)
+    cfg = fam.arch(preset, arch, *vocab)
+    return fam.build(cfg), to_dict(cfg)
+
+
 def check_seq2seq(name: str, preset: str, arch: dict) -> None:
-    """Validate a family, preset and overrides before any work is done (vocabulary size 1)."""
-    if name not in SEQ2SEQ_MODELS:
-        raise unknown("model", name, SEQ2SEQ_MODELS)
-    SEQ2SEQ_MODELS[name][0](preset, arch, 1)
+    """Validate a sequence-to-sequence family, preset and overrides before any work is done."""
+    check(name, "seq2seq", preset, arch)
 
 
 def build_seq2seq(name: str, preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0
                   ) -> tuple[nn.Module, dict]:
     """Build the sequence-to-sequence family ``name``."""
-    if name not in SEQ2SEQ_MODELS:
-        raise unknown("model", name, SEQ2SEQ_MODELS)
-    return SEQ2SEQ_MODELS[name][1](preset, arch, src_vocab, tgt_vocab)
+    return build(name, "seq2seq", preset, arch, src_vocab, tgt_vocab)
 
 
-# ---- language models (decoder-only; used by the lm recipes) -----------------------------------
-def gpt2_arch(preset: str, arch: dict, vocab: int) -> object:
-    """GPT-2's validated config: a preset ("" = GPT2Config's defaults) plus ``arch``."""
-    from attnkit.models.gpt2 import PRESETS as GPT2_PRESETS
-    from attnkit.models.gpt2 import GPT2Config
-
-    if preset and preset not in GPT2_PRESETS:
-        raise unknown("gpt2 preset", preset, GPT2_PRESETS)
-    data = {**GPT2_PRESETS.get(preset, {}), **arch, "vocab_size": vocab}
-    return from_dict(GPT2Config, data, prefix="arch.")
-
-
-def build_gpt2(preset: str, arch: dict, vocab: int) -> tuple[nn.Module, dict]:
-    """A GPT-2 from a preset plus ``arch`` overrides; returns it and its resolved config."""
-    from attnkit.models.gpt2 import GPT2
-
-    cfg = gpt2_arch(preset, arch, vocab)
-    return GPT2(cfg), to_dict(cfg)
-
-
-# family name -> (validate(preset, arch, vocab) -> config, build(preset, arch, vocab) ->
-# (model, config dict)). The model maps ids (B, T) to an output with .logits (B, T, V) (or the
-# logits tensor itself); a saved config dict passed as ``arch`` (minus vocab_size) with preset
-# "" rebuilds the same model.
-LM_MODELS: dict[str, tuple[Callable[..., object], Callable[..., tuple[nn.Module, dict]]]] = {
-    "gpt2": (gpt2_arch, build_gpt2),
-    "transformer-xl": (xl_arch, build_transformer_xl),
-}
-
-
-def check_lm(name: str, preset: str, arch: dict) -> object:
+def check_lm(name: str, preset: str, arch: dict) -> Any:
     """Validate a language-model family, preset and overrides (vocabulary size 1)."""
-    if name not in LM_MODELS:
-        raise unknown("model", name, LM_MODELS)
-    return LM_MODELS[name][0](preset, arch, 1)
+    return check(name, "lm", preset, arch)
 
 
 def build_lm(name: str, preset: str, arch: dict, vocab: int) -> tuple[nn.Module, dict]:
-    """Build the language-model family ``name``."""
-    if name not in LM_MODELS:
-        raise unknown("model", name, LM_MODELS)
-    return LM_MODELS[name][1](preset, arch, vocab)
+    """Build the language-model family ``name``. Its model maps ids (B, T) to an output with
+    .logits (B, T, V); a saved config dict passed as ``arch`` (minus vocab_size) with preset ""
+    rebuilds the same model."""
+    return build(name, "lm", preset, arch, vocab)

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnkit.config import from_dict, to_dict, unknown
+from attnkit.config import from_dict, unknown
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import mean_token_nll
 from attnkit.models.transformer import Seq2SeqOutput
@@ -399,7 +399,7 @@ class RNNSeq2Seq(nn.Module):
         return state
 
 
-# ---- families for the recipes (entries of attnkit.models.SEQ2SEQ_MODELS) -------------------------
+# ---- configs of the two families (entries of attnkit.models.FAMILIES) ------------------------
 def _arch(preset: str, arch: dict, src_vocab: int, tgt_vocab: int, attention: bool
           ) -> RNNConfig:
     if preset not in PRESETS:
@@ -425,17 +425,3 @@ def rnn_attention_arch(preset: str, arch: dict, src_vocab: int, tgt_vocab: int =
 def rnn_arch(preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0) -> RNNConfig:
     """The validated config of the RNN without attention (a preset's sizes, attention none)."""
     return _arch(preset, arch, src_vocab, tgt_vocab, attention=False)
-
-
-def build_rnn_attention(preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0
-                        ) -> tuple[nn.Module, dict]:
-    """The attentional RNN encoder-decoder and its resolved config."""
-    cfg = rnn_attention_arch(preset, arch, src_vocab, tgt_vocab)
-    return RNNSeq2Seq(cfg), to_dict(cfg)
-
-
-def build_rnn(preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0
-              ) -> tuple[nn.Module, dict]:
-    """The RNN encoder-decoder without attention and its resolved config."""
-    cfg = rnn_arch(preset, arch, src_vocab, tgt_vocab)
-    return RNNSeq2Seq(cfg), to_dict(cfg)

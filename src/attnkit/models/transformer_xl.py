@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnkit.config import from_dict, to_dict, unknown
+from attnkit.config import from_dict, unknown
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import causal_lm_loss
 from attnkit.models.outputs import per_layer
@@ -351,10 +351,3 @@ def xl_arch(preset: str, arch: dict, vocab_size: int) -> TransformerXLConfig:
     arch = {RENAMED.get(k, k): v for k, v in arch.items() if k != "n_positions"}
     return from_dict(TransformerXLConfig, {**PRESETS.get(preset, {}), **arch,
                                            "vocab_size": vocab_size}, prefix="arch.")
-
-
-def build_transformer_xl(preset: str, arch: dict, vocab_size: int
-                         ) -> tuple[TransformerXL, dict]:
-    """A model from a preset plus ``arch`` overrides; returns it and its resolved config."""
-    cfg = xl_arch(preset, arch, vocab_size)
-    return TransformerXL(cfg), to_dict(cfg)

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill at any moment, and atomic file writes for everyone.
+"""Checkpoints that survive a kill at any moment (atomic writes: :mod:`attnkit.rundir`).
 
 A checkpoint for step ``n`` is two files in ``run_dir/checkpoints``:
 
@@ -15,16 +15,11 @@ file. A kill between the two leaves an orphan state file that :func:`latest_chec
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import pickle
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -32,70 +27,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from attnkit.errors import UserError
+from attnkit.rundir import CHECKPOINTS, atomic_path, fsync_dir, save_torch_atomic
 
 WEIGHTS = ".safetensors"
 STATE = ".state.pt"
 _STEP = re.compile(r"^step-(\d+)\.safetensors$")
-
-
-# ---- atomic writes ---------------------------------------------------------------------------
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot open directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    Use it for writers that want a file name (``save_file``, ``savefig``, ``tokenizer.save``).
-    On an exception the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
-                               dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; writers may have re-created the file
-        with open(tmp_path, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """:func:`write_atomic` for UTF-8 text."""
-    write_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (e.g. ``config.json``)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def save_torch_atomic(path: str | Path, obj: Any) -> None:
-    """``torch.save(obj)`` written atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue())
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -220,7 +156,7 @@ def state_path(weights_path: str | Path) -> Path:
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def _complete_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -290,7 +226,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     weights = d / (stem + WEIGHTS)
     save_torch_atomic(d / (stem + STATE), state)
     save_weights(weights, model, metadata={"step": str(step)})
-    _fsync_dir(d)
+    fsync_dir(d)
     if tag is None:
         prune(run_dir, keep_last)
     return weights

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.progress import progress_bar
-from attnkit.train.checkpoint import atomic_path, write_text_atomic
-
-METRICS = "metrics.jsonl"
+from attnkit.rundir import METRICS, PLOTS, TENSORBOARD, atomic_path, read_metrics, write_text_atomic
 
 
 def _standard(obj: Any) -> Any:
@@ -34,19 +32,6 @@ def _json_line(record: dict[str, Any]) -> str:
     """One metrics record as a line of standard JSON."""
     return json.dumps(_standard(record), allow_nan=False) + "\n"
 
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``run_dir/metrics.jsonl`` (a torn last line from a kill is skipped)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 class RunLog:
@@ -66,7 +51,7 @@ class RunLog:
             except ImportError:  # tensorboard is an optional extra
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD))
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than ``step`` (written after the checkpoint a resume starts from)."""
@@ -150,7 +135,7 @@ def plot_loss(run_dir: str | Path) -> Path | None:
         ax2.set_ylabel("evaluation")
         ax2.legend()
     fig.tight_layout()
-    path = Path(run_dir) / "plots" / "loss.png"
+    path = Path(run_dir) / PLOTS / "loss.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path

@@ -21,6 +21,7 @@ import torch
 
 from attnkit.config import unknown
 from attnkit.errors import UserError
+from attnkit.rundir import write_text_atomic
 from attnkit.viz import analysis
 from attnkit.viz.capture import AttentionGroup, Capture
 
@@ -34,8 +35,6 @@ class View:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        from attnkit.train.checkpoint import write_text_atomic
-
         try:
             write_text_atomic(path, self.html)  # an existing file survives a failed write
         except OSError as err:
