@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from attnkit import rundir
 from attnkit.errors import UserError
 from attnkit.train import checkpoint as ck
 
@@ -19,27 +20,27 @@ def _net(width: int = 4) -> nn.Module:
 
 def test_write_atomic_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
     target = tmp_path / "config.json"
-    ck.write_atomic(target, b"old")
+    rundir.write_atomic(target, b"old")
 
     def broken_replace(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(ck.os, "replace", broken_replace)
+    monkeypatch.setattr(rundir.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk gone"):
-        ck.write_atomic(target, b"new content")
+        rundir.write_atomic(target, b"new content")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temp file left
 
 
 def test_atomic_path_keeps_old_file_when_writer_fails(tmp_path):
     target = tmp_path / "tokenizer.json"
-    ck.write_text_atomic(target, "old")
-    with pytest.raises(RuntimeError), ck.atomic_path(target) as tmp:
+    rundir.write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError), rundir.atomic_path(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
-    ck.write_json_atomic(target, {"b": 1})
+    rundir.write_json_atomic(target, {"b": 1})
     assert target.read_text() == '{\n  "b": 1\n}\n'
 
 

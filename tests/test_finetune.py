@@ -255,8 +255,8 @@ def test_finetune_classification_rises_above_chance(tiny_init, tmp_path):
             "train.optim.warmup_steps=5", "max_len=24", "pooling=mean"]
     results = recipe.main(resolve_config(recipe, None, sets), recipe=recipe.name)
     assert results["valid"]["accuracy"] >= 0.75  # chance is 0.5 (balanced labels)
-    from attnkit.recipes.finetune import load_finetuned
-    model, _, record = load_finetuned(tmp_path / "run")
+    from attnkit import load
+    record = load(tmp_path / "run").record["model"]
     assert record["head"]["labels"] == ["negative", "positive"]
 
 

@@ -474,12 +474,13 @@ def hf_dir(tmp_path_factory, char_tok):
 
 
 def test_cli_generate_streams_greedy_text(hf_dir, char_tok, capsys):
-    from attnkit.generation import load_language_model
+    from attnkit import load
 
     assert cli_main(["generate", str(hf_dir), "the fox", "--greedy", "--max-new-tokens",
                      "12"]) == 0
     out = capsys.readouterr().out
-    model, tok = load_language_model(hf_dir)
+    loaded = load(hf_dir)
+    model, tok = loaded.model, loaded.tokenizer
     cont = generate_text(model, tok, "the fox", GenerationConfig(max_new_tokens=12))[0]
     assert out == "the fox" + cont + "\n"
     assert cont

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnkit import load
 from attnkit.cli import main
 from attnkit.data.lm import encode_documents, eval_windows, n_characters, score
 from attnkit.recipes.lm import (
     SampleConfig,
     load_corpus,
-    load_model,
     sample_texts,
 )
 
@@ -70,7 +70,8 @@ def test_lm_recipe_trains_evaluates_and_samples(tmp_path, capsys):
     evals = _evals(run)
     assert len(evals) == 4
     first, last = evals[0]["val_loss"], evals[-1]["val_loss"]
-    model, tok = load_model(run)
+    loaded = load(run)
+    model, tok = loaded.model, loaded.tokenizer
     assert last < first and last < math.log(tok.vocab_size) - 0.5, evals
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     val = results["val"]
@@ -195,7 +196,8 @@ def test_finetune_lm_from_hugging_face_gpt2_and_export(tmp_path):
     assert len(results["samples"]) == 2 and all(isinstance(s, str) for s in results["samples"])
     # held-out items: better than the pretrained model (random init) on the same windows
     pre = from_pretrained(init)
-    model, tok = load_model(run)
+    loaded = load(run)
+    model, tok = loaded.model, loaded.tokenizer
     _, val_docs = load_corpus(replace(defaults().data, train=str(EXAMPLES)))
     batches = eval_windows(encode_documents(tok, val_docs), 48, 8)
     before = score(pre.model, batches, n_characters(val_docs))
@@ -251,7 +253,7 @@ def test_samples_do_not_change_training(tmp_path):
             *TINY, f"data.train={data}", "arch.dropout=0.2", f"sample.n={n}",
             "train.steps=8", "train.eval_every=3", "train.save_every=8",
             f"run_dir={run}"])]) == 0
-        weights.append(load_model(run, "latest")[0].state_dict())
+        weights.append(load(run, "latest").model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert (tmp_path / "run2" / "samples.txt").exists()
     assert not (tmp_path / "run0" / "samples.txt").exists()

@@ -356,7 +356,7 @@ def test_sampling_with_memory_equals_recomputing_the_whole_text():
 
 
 def test_a_run_of_another_family_is_refused(tmp_path):
-    from attnkit.recipes.xl_lm import load_xl
+    from attnkit import load
     from attnkit.train.checkpoint import load_weights, save_weights
     run = tmp_path / "gpt"
     run.mkdir()
@@ -364,7 +364,7 @@ def test_a_run_of_another_family_is_refused(tmp_path):
                                                  "model": {"family": "gpt2", "config": {}}}))
     (run / "tokenizer.json").write_text("{}")
     with pytest.raises(UserError, match="holds a 'gpt2' model"):
-        load_xl(run)
+        load(run, families=["transformer-xl"])
     from attnkit.models import build_lm
     gpt, _ = build_lm("gpt2", "tiny", {"n_positions": 16}, 11)
     save_weights(tmp_path / "gpt.safetensors", gpt)

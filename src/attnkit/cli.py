@@ -144,7 +144,7 @@ def _run_recipe(recipe: Any, cfg: Any) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from attnkit.recipes import config_of_run
-    from attnkit.recipes.run import read_run
+    from attnkit.rundir import read_run
 
     recipe, cfg = config_of_run(read_run(args.run))
     recipe.evaluate(Path(args.run), cfg)
@@ -153,16 +153,13 @@ def _eval(args: argparse.Namespace) -> None:
 def _translate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    from attnkit.loading import load
+    from attnkit.models import names
     from attnkit.recipes import config_of_run
-    from attnkit.recipes.run import read_run
-    from attnkit.recipes.seq2seq import decode_texts, load_model
-    from attnkit.tokenizers import Tokenizer
+    from attnkit.recipes.seq2seq import decode_texts
 
-    recipe, cfg = config_of_run(read_run(args.run))
-    if not hasattr(cfg, "decode"):
-        raise UserError(f"{args.run} is a '{recipe.name}' run: attnkit translate decodes "
-                        "sequence-to-sequence runs (math, translate, copy); use attnkit "
-                        "generate with a language model")
+    run = load(args.run, families=names("seq2seq"))
+    _, cfg = config_of_run(run.record)
     decode = cfg.decode
     if args.beam is not None:
         if args.beam < 1:
@@ -174,9 +171,7 @@ def _translate(args: argparse.Namespace) -> None:
     lines = [line.strip() for line in lines]
     if not any(lines):
         raise UserError("nothing to translate: give text as arguments or on stdin")
-    tok = Tokenizer.load(Path(args.run) / "tokenizer.json")
-    model = load_model(args.run)
-    for out in decode_texts(model, tok, lines, decode):
+    for out in decode_texts(run.model, run.require_tokenizer(args.run), lines, decode):
         print(out, flush=True)
 
 
@@ -211,12 +206,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from attnkit.generation import (
-        GenerationConfig,
-        generate_text,
-        load_language_model,
-        window_note,
-    )
+    from attnkit.generation import GenerationConfig, generate_text, window_note
+    from attnkit.loading import load
+    from attnkit.models import FAMILIES
 
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy and args.beams == 1,
@@ -238,7 +230,11 @@ def _generate(args: argparse.Namespace) -> None:
             raise UserError(f"no prompts in {args.prompts_file}")
     else:
         prompts = [args.prompt]
-    model, tokenizer = load_language_model(args.model)
+    run = load(args.model)
+    if FAMILIES[run.family].decoding != "lm":
+        raise UserError(f"{args.model} holds a '{run.family}' model, not a decoder-only "
+                        "language model (attnkit translate decodes encoder-decoder runs)")
+    model, tokenizer = run.model, run.require_tokenizer(args.model)
     note = window_note(model, [len(tokenizer.encode(p)) for p in prompts], cfg)
     if note:
         print(f"attnkit: note: {note}", file=sys.stderr)
@@ -262,7 +258,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from attnkit.recipes import export_run
+    from attnkit.loading import export_run
 
     path = export_run(args.run, args.out, "latest" if args.latest else "best", args.overwrite)
     print(f"wrote {path}")

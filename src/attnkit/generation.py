@@ -36,11 +36,9 @@ Returned tokens are the new ones only; a row that produced EOS ends with it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol, TextIO
 
 import torch
@@ -425,32 +423,3 @@ def _emitter(stream: Callable[[int, str], None] | TextIO | None
         stream.flush()
 
     return write
-
-
-def load_language_model(path: str | Path) -> tuple[nn.Module, Detokenizer]:
-    """(model, tokenizer) from a Hugging Face GPT-2 directory or an attnkit LM run directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model directory not found: {path}")
-    try:
-        hf_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        hf_type = None
-    if hf_type is not None:
-        from attnkit.convert.hf import from_pretrained
-
-        pre = from_pretrained(path)
-        model, tokenizer = pre.model, pre.tokenizer
-        if tokenizer is None:
-            raise UserError(f"{path} has no tokenizer.json: cannot turn text into tokens")
-    else:
-        try:
-            from attnkit.recipes.lm import load_model
-        except ImportError:
-            raise UserError(f"{path} is neither a Hugging Face directory (config.json with a "
-                            "model_type) nor a language-model run") from None
-        model, tokenizer = load_model(path)
-    if not hasattr(model, "step"):
-        raise UserError(f"{path} holds a {type(model).__name__}, not a decoder-only language "
-                        "model")
-    return model, tokenizer

@@ -93,6 +93,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+ENCODERS = ("bert", "roberta", "distilbert")  # what fine-tuning and distillation start from
+
+
 def get_family(name: str) -> Family:
     """The table's entry ``name`` (a one-line error suggesting the nearest name)."""
     if name not in FAMILIES:

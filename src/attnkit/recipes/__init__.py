@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from attnkit.config import apply_overrides, from_dict, load_json, to_dict, unknown
-from attnkit.errors import UserError
 from attnkit.recipes import (
     act,
     bert_pretrain,
@@ -99,33 +98,3 @@ def config_of_run(record: dict) -> tuple[Recipe, Any]:
     """The recipe and config a run directory's config.json records."""
     recipe = get_recipe(record.get("recipe", "?"))
     return recipe, from_dict(type(recipe.defaults()), record["config"])
-
-
-# recipe -> "attnkit.recipes.<module>:<loader>" giving (model, tokenizer) of a run
-_HF_EXPORTABLE = {
-    "lm": "lm:load_model", "finetune-lm": "lm:load_model",
-    "bert-pretrain": "pretrain:load_run_model", "roberta-pretrain": "pretrain:load_run_model",
-    "distil": "pretrain:load_run_model",
-}
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path,
-               which: Literal["best", "latest"] = "best", overwrite: bool = False) -> Path:
-    """Write a trained run's model and tokenizer as a Hugging Face directory (transformers
-    loads it); for language-model and BERT-family runs."""
-    from importlib import import_module
-
-    from attnkit.convert.hf import save_pretrained
-    from attnkit.recipes.run import read_run
-
-    recipe = read_run(run_dir)["recipe"]
-    run, out = Path(run_dir).resolve(), Path(out_dir).resolve()
-    if out == run or out in run.parents:
-        raise UserError(f"{out_dir} is or contains the run {run_dir}; export to another "
-                        "directory")
-    if recipe not in _HF_EXPORTABLE:
-        raise UserError(f"'{recipe}' runs have no Hugging Face format; export takes runs of "
-                        f"{', '.join(_HF_EXPORTABLE)}")
-    module, loader = _HF_EXPORTABLE[recipe].split(":")
-    model, tokenizer = getattr(import_module(f"attnkit.recipes.{module}"), loader)(run_dir, which)
-    return save_pretrained(model, out_dir, tokenizer, overwrite=overwrite)

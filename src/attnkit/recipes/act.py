@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches, parity_examples
 from attnkit.errors import ConfigError
+from attnkit.loading import load
 from attnkit.models.act import ParityACT, ParityModelConfig
 from attnkit.nn.act import ponder_loss
-from attnkit.recipes.algorithmic import load_trained, setup_run, write_report
+from attnkit.recipes.algorithmic import setup_run, write_report
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
@@ -86,7 +87,7 @@ def _eval_batch(d: ParityData) -> TensorBatch:
 
 
 def main(cfg: ACTParityConfig, recipe: str = "act-parity") -> dict:
-    run_dir, model = setup_run(recipe, cfg, "parity-act", model_cfg(cfg), ParityACT)
+    run_dir, model = setup_run(recipe, cfg, model_cfg(cfg), ParityACT)
     batches = GeneratedBatches(lambda g: parity_examples(g, cfg.batch_size, cfg.data.size),
                                seed=cfg.data.seed)
     held_out = _eval_batch(cfg.data)
@@ -96,7 +97,7 @@ def main(cfg: ACTParityConfig, recipe: str = "act-parity") -> dict:
 
 
 def evaluate(run_dir: Path, cfg: ACTParityConfig) -> dict:
-    model = load_trained(run_dir, "parity-act", ParityModelConfig, ParityACT)
+    model = load(run_dir, families=["parity-act"]).model
     with torch.no_grad():
         figures = measure(model, _eval_batch(cfg.data))
     figures["sequence_error_rate"] = 1 - figures["accuracy"]

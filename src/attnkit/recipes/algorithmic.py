@@ -11,22 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from attnkit.config import from_dict, to_dict
 from attnkit.data.algorithmic import TensorBatch, fixed_batches
-from attnkit.errors import ConfigError, UserError
+from attnkit.errors import ConfigError
 from attnkit.evaluation import eval_loop
 from attnkit.recipes import run
-from attnkit.recipes.run import read_run, record_model
+from attnkit.rundir import RESULTS, write_json_atomic
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import (
-    load_run_weights,
-    write_json_atomic,
-)
 
 Build = Callable[[Any], nn.Module]  # model config -> model
 
@@ -46,30 +42,11 @@ def arch_defaults(cls: type, fixed: tuple[str, ...], **changes: Any) -> dict:
     return {k: v for k, v in to_dict(cls(**changes)).items() if k not in fixed}
 
 
-def setup_run(recipe: str, cfg: Any, family: str, model_cfg: Any, build: Build
-              ) -> tuple[Path, nn.Module]:
+def setup_run(recipe: str, cfg: Any, model_cfg: Any, build: Build) -> tuple[Path, nn.Module]:
     """Run directory (rank 0 creates it, others follow) and the freshly initialised model,
-    whose resolved config goes into config.json under ``model``."""
-
-    def create(run_dir: Path) -> tuple[None, nn.Module]:
-        if dist.is_main():
-            record_model(run_dir, family, to_dict(model_cfg))
-        return None, build(model_cfg)
-
-    run_dir, _, model = run.setup_run(recipe, cfg, create)
+    whose family and resolved config go into config.json under ``model``."""
+    run_dir, _, model = run.setup_run(recipe, cfg, lambda _: (None, build(model_cfg)))
     return run_dir, model
-
-
-def load_trained(run_dir: str | Path, family: str, cls: type, build: Build,
-                 which: Literal["best", "latest"] = "best") -> nn.Module:
-    """A run's trained model (its best checkpoint when it has one) in eval mode."""
-    run_dir = Path(run_dir)
-    spec = read_run(run_dir).get("model")
-    if not isinstance(spec, dict) or spec.get("family") != family:
-        raise UserError(f"{run_dir} holds no trained {family} model")
-    model = build(from_dict(cls, spec["config"]))
-    load_run_weights(run_dir, model, which)
-    return model.eval()
 
 
 Example = Callable[[torch.Generator, int, int], TensorBatch]  # (generator, batch, length)
@@ -128,7 +105,7 @@ def _line(figures: dict) -> str:
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Save results.json and print one line per evaluation set."""
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / RESULTS, results)
     for name, figures in results.items():
         if isinstance(figures, dict) and figures and all(isinstance(v, dict)
                                                          for v in figures.values()):

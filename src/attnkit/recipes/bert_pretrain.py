@@ -24,23 +24,23 @@ from typing import Any
 
 from torch import nn
 
-from attnkit.config import to_dict
 from attnkit.data.lm import text_chunks
 from attnkit.data.mlm import MaskConfig, Masker, MLMBatches, held_out
 from attnkit.evaluation import mlm_scores
+from attnkit.loading import load
+from attnkit.models import ENCODERS
 from attnkit.models.bert import build_bert
 from attnkit.recipes.lm import load_corpus, with_data_default
 from attnkit.recipes.pretrain import (
     PretrainConfig,
     examples_of,
-    load_run_model,
     model_config,
     pretrain_loss,
 )
-from attnkit.recipes.run import record_model, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import RESULTS, TOKENIZER, write_json_atomic
 from attnkit.tokenizers import Tokenizer, TokenizerConfig, resolve_tokenizer
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import write_json_atomic
 from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
 
@@ -48,7 +48,7 @@ from attnkit.train.optim import OptimConfig
 def report(run_dir: Path, scores: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
     """Print the held-out scores and write results.json."""
     results = {"val": scores, **(extra or {})}
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / RESULTS, results)
     line = (f"held-out MLM: loss {scores['val_mlm_loss']:.4f}, perplexity "
             f"{scores['val_mlm_ppl']:.2f}, accuracy {scores['val_mlm_acc']:.4f} "
             f"({int(scores['val_masked']):,} masked tokens)")
@@ -72,12 +72,9 @@ def main(cfg: PretrainConfig, recipe: str = "bert-pretrain") -> dict:
                    tok.pad_id)
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
-            tok.save(run_dir / "tokenizer.json")
-        model_cfg = model_config(cfg, tok.vocab_size, tok.pad_id)
-        if dist.is_main():
-            record_model(run_dir, "bert", to_dict(model_cfg))
-        return tok, build_bert(model_cfg)
+        if dist.is_main() and not (run_dir / TOKENIZER).exists():
+            tok.save(run_dir / TOKENIZER)
+        return tok, build_bert(model_config(cfg, tok.vocab_size, tok.pad_id))
 
     run_dir, tok, model = setup_run(recipe, cfg, create)
     if dist.is_main():
@@ -87,13 +84,14 @@ def main(cfg: PretrainConfig, recipe: str = "bert-pretrain") -> dict:
     fit(model, pretrain_loss, batches, cfg.train, run_dir, evaluate=lambda m: mlm_scores(m, val))
     if not dist.is_main():
         return {}
-    best, _ = load_run_model(run_dir)
+    best = load(run_dir, families=ENCODERS).model
     return report(run_dir, mlm_scores(best, val))
 
 
 def evaluate(run_dir: Path, cfg: PretrainConfig) -> dict:
     """`attnkit eval RUN`: held-out MLM scores of the best checkpoint."""
-    model, tok = load_run_model(run_dir)
+    run = load(run_dir, families=ENCODERS)
+    model, tok = run.model, run.require_tokenizer(run_dir)
     cfg = with_data_default(cfg)
     _, val_texts = load_corpus(cfg.data)
     val = held_out(examples_of(cfg, tok, val_texts, cfg.train.seed + 1), cfg.eval,

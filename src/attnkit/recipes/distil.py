@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.config import to_dict
 from attnkit.data.mlm import (
     MaskConfig,
     Masker,
@@ -46,16 +45,17 @@ from attnkit.data.mlm import (
 )
 from attnkit.errors import ConfigError, UserError
 from attnkit.evaluation import eval_loop, mlm_scores
+from attnkit.loading import load
 from attnkit.losses import IGNORE, distillation_loss
+from attnkit.models import ENCODERS
 from attnkit.models.bert import BertConfig, encoder_of
 from attnkit.models.distilbert import DistilBertConfig, build_distilbert
 from attnkit.recipes import finetune
 from attnkit.recipes.lm import load_corpus, with_data_default
-from attnkit.recipes.pretrain import load_bert, load_run_model
-from attnkit.recipes.run import record_model, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import RESULTS, TOKENIZER, write_json_atomic
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import write_json_atomic
 from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
 
@@ -282,7 +282,8 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
         raise UserError("set teacher=DIR: an attnkit bert-pretrain run or a Hugging Face "
                         "BERT/RoBERTa directory")
     cfg = with_data_default(cfg)
-    teacher, tok = load_bert(cfg.teacher)
+    loaded = load(cfg.teacher, families=ENCODERS)
+    teacher, tok = loaded.model, loaded.require_tokenizer(cfg.teacher)
     teacher.eval().requires_grad_(False)
     arch = encoder_of(teacher).arch
     if cfg.max_len > arch.max_tokens:
@@ -293,12 +294,9 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
     batches, val = _data(cfg, tok, arch.vocab_size)
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
-            tok.save(run_dir / "tokenizer.json")
-        student = init_student(teacher, cfg.student_layers)
-        if dist.is_main():
-            record_model(run_dir, "distilbert", to_dict(student.cfg))
-        return tok, student
+        if dist.is_main() and not (run_dir / TOKENIZER).exists():
+            tok.save(run_dir / TOKENIZER)
+        return tok, init_student(teacher, cfg.student_layers)
 
     run_dir, tok, student = setup_run(recipe, cfg, create)
     fit(student, make_loss(teacher, cfg), batches, cfg.train, run_dir,
@@ -308,12 +306,12 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
 
 def final_report(run_dir: Path, cfg: DistilConfig, teacher: nn.Module,
                  val: list[MLMBatch]) -> dict:
-    student, _ = load_run_model(run_dir)
+    student = load(run_dir, families=["distilbert"]).model
     res = compare(teacher, student, val, cfg.speed_repeats)
     if cfg.downstream.data.train:
         res["downstream"] = run_downstream(cfg, run_dir)
     res["paper"] = PAPER
-    write_json_atomic(run_dir / "results.json", res)
+    write_json_atomic(run_dir / RESULTS, res)
     print_comparison(res)
     print(f"run directory: {run_dir}")
     return res
@@ -321,8 +319,8 @@ def final_report(run_dir: Path, cfg: DistilConfig, teacher: nn.Module,
 
 def evaluate(run_dir: Path, cfg: DistilConfig) -> dict:
     """`attnkit eval RUN`: the comparison again (downstream runs resume, i.e. are reused)."""
-    teacher, _ = load_bert(cfg.teacher)
-    _, val = _data(with_data_default(cfg), Tokenizer.load(run_dir / "tokenizer.json"),
+    teacher = load(cfg.teacher, families=ENCODERS).model
+    _, val = _data(with_data_default(cfg), Tokenizer.load(run_dir / TOKENIZER),
                    encoder_of(teacher).arch.vocab_size)
     return final_report(run_dir, cfg, teacher.eval(), val)
 

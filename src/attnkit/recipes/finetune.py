@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attnkit.config import to_dict
 from attnkit.data.records import (
     TASKS,
     FinetuneData,
@@ -47,17 +46,15 @@ from attnkit.data.records import (
 )
 from attnkit.errors import ConfigError, UserError
 from attnkit.evaluation import accuracy, eval_loop, macro_f1, squad_scores
+from attnkit.loading import load
 from attnkit.losses import IGNORE, TASK_LOSSES
+from attnkit.models import ENCODERS
 from attnkit.models.bert import encoder_of
 from attnkit.models.heads import POOLINGS, best_spans, task_head
-from attnkit.recipes.pretrain import build_family, family_name, load_bert
-from attnkit.recipes.run import read_run, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import RESULTS, TOKENIZER, write_json_atomic
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import (
-    load_run_weights,
-    write_json_atomic,
-)
 from attnkit.train.loop import TrainConfig, fit
 
 
@@ -154,27 +151,14 @@ def load_split(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
     return ([records[i] for i in order[k:]], [records[i] for i in order[:k]])
 
 
-def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
-    """A fine-tuned run's model (best checkpoint, eval mode), tokenizer and config record."""
-    run_dir = Path(run_dir)
-    record = read_run(run_dir)
-    if "model" not in record or "head" not in record:
-        raise UserError(f"{run_dir} has no fine-tuned model yet")
-    cfg = FinetuneConfig(task=record["head"]["task"], pooling=record["head"]["pooling"])
-    encoder = build_family(record["model"]["family"], record["model"]["config"])
-    model = task_head(cfg.task, encoder, max(1, len(record["head"]["labels"])), cfg.pooling)
-    load_run_weights(run_dir, model)
-    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json"), record
-
-
 def train_and_report(cfg: FinetuneConfig, recipe: str = "finetune") -> dict:
     """Fine-tune ``cfg.init`` with a ``cfg.task`` head on ``cfg.data``, then report (the
     "finetune" recipe, and the downstream comparison of the "distil" recipe)."""
     if not cfg.init:
         raise UserError("set init=DIR: an attnkit bert-pretrain/distil run or a Hugging Face "
                         "BERT/RoBERTa/DistilBERT directory")
-    pre, tok = load_bert(cfg.init)
-    encoder = encoder_of(pre)
+    loaded = load(cfg.init, families=ENCODERS)
+    encoder, tok = encoder_of(loaded.model), loaded.require_tokenizer(cfg.init)
     if cfg.max_len > encoder.arch.max_tokens:
         raise UserError(f"max_len {cfg.max_len} exceeds the model's {encoder.arch.max_tokens}")
     train_records, val_records = load_split(cfg)
@@ -185,18 +169,15 @@ def train_and_report(cfg: FinetuneConfig, recipe: str = "finetune") -> dict:
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        model = task_head(cfg.task, encoder, max(1, len(labels)), cfg.pooling)
-        if dist.is_main():
-            if not (run_dir / "tokenizer.json").exists():
-                tok.save(run_dir / "tokenizer.json")
-            record = read_run(run_dir)
-            record["model"] = {"family": family_name(encoder), "config": to_dict(encoder.cfg)}
-            record["head"] = {"task": cfg.task, "labels": labels,
-                              "pooling": getattr(model, "pooling", cfg.pooling)}
-            write_json_atomic(run_dir / "config.json", record)
-        return tok, model
+        if dist.is_main() and not (run_dir / TOKENIZER).exists():
+            tok.save(run_dir / TOKENIZER)
+        return tok, task_head(cfg.task, encoder, max(1, len(labels)), cfg.pooling)
 
-    run_dir, tok, model = setup_run(recipe, cfg, create)
+    def head(model: nn.Module) -> dict:  # recorded with the encoder: attnkit.load rebuilds it
+        return {"head": {"task": cfg.task, "labels": labels,
+                         "pooling": getattr(model, "pooling", cfg.pooling)}}
+
+    run_dir, tok, model = setup_run(recipe, cfg, create, head)
     if dist.is_main():
         print(f"{len(train_items)} training and {len(val_items)} validation examples; "
               f"labels: {', '.join(labels) or 'spans'}", file=sys.stderr)
@@ -210,15 +191,17 @@ def train_and_report(cfg: FinetuneConfig, recipe: str = "finetune") -> dict:
 def final_report(run_dir: Path, cfg: FinetuneConfig, val_items: list[Item] | None = None
                  ) -> dict:
     """Score the validation (and test) files with the best checkpoint; results.json."""
-    model, tok, record = load_finetuned(run_dir)
-    labels, pad = record["head"]["labels"], tok.pad_id if tok.pad_id is not None else 0
+    run = load(run_dir, families=ENCODERS)
+    model, tok = run.model, run.require_tokenizer(run_dir)
+    labels = run.record["model"]["head"]["labels"]
+    pad = tok.pad_id if tok.pad_id is not None else 0
     if val_items is None:
         val_items = _encode(cfg, tok, load_split(cfg)[1], labels, cfg.data.valid or "data")
     results = {"valid": score_items(model, cfg, val_items, pad)}
     if cfg.data.test:
         test = _encode(cfg, tok, read_records(cfg.data.test), labels, cfg.data.test)
         results["test"] = score_items(model, cfg, test, pad)
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / RESULTS, results)
     for name, scores in results.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     print(f"run directory: {run_dir}")

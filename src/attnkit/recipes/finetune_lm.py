@@ -6,7 +6,7 @@ writes new ones): start from a Hugging Face GPT-2 directory (``init=DIR``, loade
 folder (JSONL records become text through ``data.template``, e.g.
 ``"Question: {question}\\nOptions: {options}\\nAnswer: {answer}"``), train on the stream
 ``<|endoftext|> item <|endoftext|> item ...`` and generate new items from a prompt (the empty
-prompt starts a new document). `attnkit export RUN DIR` (:func:`attnkit.recipes.export_run`)
+prompt starts a new document). `attnkit export RUN DIR` (:func:`attnkit.loading.export_run`)
 writes the result back as a Hugging Face directory.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from attnkit.config import to_dict
 from attnkit.data.lm import LMData
 from attnkit.errors import UserError
-from attnkit.models import LM_MODELS, build_lm
+from attnkit.models import build_lm, names
 from attnkit.recipes.lm import (
     LMEvalConfig,
     LMRunConfig,
@@ -31,7 +31,8 @@ from attnkit.recipes.lm import (
     train_lm,
     training_windows,
 )
-from attnkit.recipes.run import record_model, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import TOKENIZER
 from attnkit.tokenizers import Tokenizer, check_specials
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig
@@ -56,9 +57,9 @@ def _pretrained(cfg: FinetuneLMConfig) -> Pretrained:
         raise UserError("set init=DIR, a Hugging Face GPT-2 directory (config.json, "
                         "model.safetensors or pytorch_model.bin, tokenizer.json)")
     pre = from_pretrained(cfg.init)
-    if pre.model_type not in LM_MODELS:
+    if pre.model_type not in names("lm"):
         raise UserError(f"{cfg.init} holds a '{pre.model_type}' model; finetune-lm trains "
-                        f"{', '.join(sorted(LM_MODELS))} models")
+                        f"{', '.join(sorted(names('lm')))} models")
     if pre.tokenizer is None:
         raise UserError(f"{cfg.init} has no tokenizer (tokenizer.json, or vocab.json and "
                         "merges.txt)")
@@ -73,17 +74,17 @@ def _pretrained(cfg: FinetuneLMConfig) -> Pretrained:
     return pre
 
 
-def _build(pre: Pretrained, cfg: FinetuneLMConfig) -> tuple[nn.Module, dict]:
+def _build(pre: Pretrained, cfg: FinetuneLMConfig) -> nn.Module:
     """The pretrained model rebuilt with ``cfg.arch`` overrides (e.g. dropout), weights kept."""
     config = {**to_dict(pre.config), **cfg.arch}
     vocab = config.pop("vocab_size")
-    model, resolved = build_lm(pre.model_type, "", config, vocab)
+    model, _ = build_lm(pre.model_type, "", config, vocab)
     try:
         model.load_state_dict(pre.model.state_dict())
     except RuntimeError:
         raise UserError("arch may only change settings that keep the pretrained weights' "
                         "shapes (e.g. dropout)") from None
-    return model, resolved
+    return model
 
 
 def main(cfg: FinetuneLMConfig, recipe: str = "finetune-lm") -> dict:
@@ -93,13 +94,10 @@ def main(cfg: FinetuneLMConfig, recipe: str = "finetune-lm") -> dict:
     windows = training_windows(cfg, pre.tokenizer, train_docs)
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        path = run_dir / "tokenizer.json"
+        path = run_dir / TOKENIZER
         if not path.exists() and dist.is_main():
             pre.tokenizer.save(path)
-        model, resolved = _build(pre, cfg)
-        if dist.is_main():
-            record_model(run_dir, pre.model_type, resolved)
-        return Tokenizer.load(path), model
+        return Tokenizer.load(path), _build(pre, cfg)
 
     run_dir, tok, model = setup_run(recipe, cfg, create)
     train_lm(run_dir, cfg, tok, model, windows, val_docs)

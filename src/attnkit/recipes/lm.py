@@ -34,15 +34,12 @@ from attnkit.data.lm import (
 )
 from attnkit.errors import ConfigError, UserError
 from attnkit.generation import GenerationConfig, generate
+from attnkit.loading import load
 from attnkit.losses import token_nll
-from attnkit.models import LM_MODELS, build_lm
-from attnkit.recipes.run import read_run
+from attnkit.models import names
+from attnkit.rundir import RESULTS, SAMPLES, write_json_atomic
 from attnkit.tokenizers import Tokenizer
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import (
-    load_run_weights,
-    write_json_atomic,
-)
 from attnkit.train.loop import TrainConfig, fit
 
 SHAKESPEARE = Path("data/text/tinyshakespeare.txt")  # inside the shared data folder
@@ -129,28 +126,6 @@ def load_corpus(data: LMData) -> tuple[list[str], list[str]]:
     return split_documents(docs, data.val_fraction)
 
 
-def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best",
-               family: str | None = None) -> tuple[nn.Module, Tokenizer]:
-    """The trained model of a language-model run (lm, finetune-lm, xl-lm; best checkpoint if
-    any), in eval mode, and its tokenizer; ``family`` refuses a run of another family."""
-    run_dir = Path(run_dir)
-    record = read_run(run_dir)
-    if "model" not in record or not (run_dir / "tokenizer.json").is_file():
-        raise UserError(f"{run_dir} has no trained model yet")
-    spec = dict(record["model"])
-    if family is not None and spec.get("family") != family:
-        raise UserError(f"{run_dir} holds a '{spec.get('family')}' model, not a {family} one: "
-                        "load it with its own recipe")
-    if spec.get("family") not in LM_MODELS:
-        raise UserError(f"{run_dir} holds a '{record['recipe']}' run with a "
-                        f"'{spec.get('family')}' model, not a language model")
-    config = dict(spec["config"])
-    vocab = config.pop("vocab_size")
-    model, _ = build_lm(spec["family"], "", config, vocab)
-    load_run_weights(run_dir, model, which)
-    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json")
-
-
 # ---- sampling ----------------------------------------------------------------------------------
 def _prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
     return tok.encode(prompt) if prompt else [tok.eos_id]
@@ -180,7 +155,7 @@ def show_samples(texts: list[str], run_dir: Path, step: int | None) -> None:
     head = f"---- samples at step {step}" if step is not None else "---- samples"
     body = "\n".join(f"{head} ({i + 1}/{len(texts)}) ----\n{t}" for i, t in enumerate(texts))
     tqdm.write(body)
-    with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+    with open(run_dir / SAMPLES, "a", encoding="utf-8") as f:
         f.write(body + "\n")
 
 
@@ -227,7 +202,8 @@ def train_lm(run_dir: Path, cfg: LMRunConfig, tok: Tokenizer, model: nn.Module,
 def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest"] = "best"
                  ) -> dict:
     """Score the whole held-out text with the best checkpoint, sample, write results.json."""
-    model, tok = load_model(run_dir, which)
+    run = load(run_dir, which, families=names("lm"))
+    model, tok = run.model, run.require_tokenizer(run_dir)
     _, val_docs = load_corpus(cfg.data)
     stream, chars = encode_documents(tok, val_docs), n_characters(val_docs)
     start = time.perf_counter()
@@ -241,7 +217,7 @@ def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest
     if cfg.sample.n:
         results["samples"] = sample_texts(model, tok, cfg.sample)
         show_samples(results["samples"], run_dir, None)
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / RESULTS, results)
     for name in ("val", "val_sliding"):
         if name in results:
             r = results[name]

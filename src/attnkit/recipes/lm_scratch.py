@@ -2,7 +2,8 @@
 
 Data, training windows, evaluation, samples and the report are every language-model run's
 (:mod:`attnkit.recipes.lm`); this recipe adds the model (a family of
-:data:`attnkit.models.LM_MODELS` from a preset) and a tokenizer trained on the text.
+:data:`attnkit.models.FAMILIES` speaking the "lm" protocol, from a preset) and a tokenizer
+trained on the text.
 Defaults follow nanoGPT's Shakespeare-character settings sized for a CPU (4 layers x 128,
 4 heads, context 64, batch 12, AdamW 1e-3 with cosine decay to 1e-4, betas (0.9, 0.99)).
 """
@@ -26,7 +27,8 @@ from attnkit.recipes.lm import (
     training_windows,
     with_data_default,
 )
-from attnkit.recipes.run import record_model, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import TOKENIZER
 from attnkit.tokenizers import Tokenizer, TokenizerConfig, resolve_tokenizer
 from attnkit.train import distributed as dist
 from attnkit.train.loop import TrainConfig
@@ -35,7 +37,7 @@ from attnkit.train.optim import OptimConfig
 
 @dataclass(frozen=True)
 class LMConfig(LMRunConfig):
-    model: str = "gpt2"      # language-model family (attnkit.models.LM_MODELS)
+    model: str = "gpt2"      # language-model family (attnkit.models.names("lm"))
     preset: str = "tiny"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -62,12 +64,9 @@ def main(cfg: LMConfig, recipe: str = "lm") -> dict:
     windows = training_windows(cfg, tok, train_docs)
 
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
-        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
-            tok.save(run_dir / "tokenizer.json")
-        model, resolved = build_lm(cfg.model, cfg.preset, cfg.model_arch, tok.vocab_size)
-        if dist.is_main():
-            record_model(run_dir, cfg.model, resolved)
-        return tok, model
+        if dist.is_main() and not (run_dir / TOKENIZER).exists():
+            tok.save(run_dir / TOKENIZER)
+        return tok, build_lm(cfg.model, cfg.preset, cfg.model_arch, tok.vocab_size)[0]
 
     run_dir, tok, model = setup_run(recipe, cfg, create)
     train_lm(run_dir, cfg, tok, model, windows, val_docs)

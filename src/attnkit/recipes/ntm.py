@@ -18,13 +18,13 @@ from torch import nn
 
 from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, copy_examples
 from attnkit.errors import ConfigError
+from attnkit.loading import load
 from attnkit.models.ntm import NTM, NTMConfig, bit_errors, copy_loss
 from attnkit.recipes.algorithmic import (
     Example,
     arch_defaults,
     draw,
     eval_sets,
-    load_trained,
     make_evaluate,
     mean_of,
     measure_sets,
@@ -101,7 +101,7 @@ def measure(model: NTM, batch: TensorBatch) -> dict[str, float]:
 
 
 def main(cfg: NTMCopyConfig, recipe: str = "ntm-copy") -> dict:
-    run_dir, model = setup_run(recipe, cfg, "ntm", ntm_config(cfg), NTM)
+    run_dir, model = setup_run(recipe, cfg, ntm_config(cfg), NTM)
     batches = GeneratedBatches(draw(_example(cfg.data), cfg.data, cfg.batch_size),
                                seed=cfg.data.seed)
     fit(model, loss_fn, batches, cfg.train, run_dir,
@@ -111,7 +111,7 @@ def main(cfg: NTMCopyConfig, recipe: str = "ntm-copy") -> dict:
 
 def evaluate(run_dir: Path, cfg: NTMCopyConfig) -> dict:
     """Bit errors per length over the training lengths and at the longer lengths."""
-    model = load_trained(run_dir, "ntm", NTMConfig, NTM)
+    model = load(run_dir, families=["ntm"]).model
     d = cfg.data
     seen = range(d.min_len, d.max_len + 1)
     by_length = measure_sets(model, measure, eval_sets(_example(d), d, (*seen, *d.longer)))

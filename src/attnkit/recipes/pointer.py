@@ -20,6 +20,7 @@ from torch import nn
 
 from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, sort_examples
 from attnkit.errors import ConfigError
+from attnkit.loading import load
 from attnkit.models.pointer import (
     PointerConfig,
     PointerNet,
@@ -31,7 +32,6 @@ from attnkit.recipes.algorithmic import (
     arch_defaults,
     draw,
     eval_sets,
-    load_trained,
     make_evaluate,
     mean_of,
     measure_sets,
@@ -111,7 +111,7 @@ def measure(model: PointerNet, batch: TensorBatch) -> dict[str, float]:
 
 
 def main(cfg: PointerSortConfig, recipe: str = "pointer-sort") -> dict:
-    run_dir, model = setup_run(recipe, cfg, "pointer", pointer_config(cfg), PointerNet)
+    run_dir, model = setup_run(recipe, cfg, pointer_config(cfg), PointerNet)
     batches = GeneratedBatches(draw(_example(cfg.data), cfg.data, cfg.batch_size),
                                seed=cfg.data.seed)
     fit(model, loss_fn, batches, cfg.train, run_dir,
@@ -121,7 +121,7 @@ def main(cfg: PointerSortConfig, recipe: str = "pointer-sort") -> dict:
 
 def evaluate(run_dir: Path, cfg: PointerSortConfig) -> dict:
     """Accuracy per length, then over the training lengths and over the longer ones."""
-    model = load_trained(run_dir, "pointer", PointerConfig, PointerNet)
+    model = load(run_dir, families=["pointer"]).model
     d = cfg.data
     by_length = measure_sets(model, measure,
                              eval_sets(_example(d), d, range(d.min_len, d.longest + 1)))

@@ -1,21 +1,16 @@
 """What the BERT-family runs share: the pre-training config and model config, the training
-examples and loss, and the loaders of a trained encoder (an attnkit "bert-pretrain",
-"roberta-pretrain" or "distil" run, or a Hugging Face directory) that the "bert-pretrain",
-"distil" and "finetune" recipes read (:mod:`attnkit.recipes.bert_pretrain` is the
-pre-training recipe itself).
+examples and loss (:mod:`attnkit.recipes.bert_pretrain` is the pre-training recipe itself; a
+trained encoder, run or Hugging Face directory, is read by :func:`attnkit.load`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from attnkit.config import from_dict
 from attnkit.data.mlm import (
     IGNORE,
     Example,
@@ -25,15 +20,10 @@ from attnkit.data.mlm import (
     PretrainData,
     make_examples,
 )
-from attnkit.errors import ConfigError, UserError
+from attnkit.errors import ConfigError
 from attnkit.losses import mlm_nsp_loss
-from attnkit.models.bert import BertConfig, bert_config, build_bert
-from attnkit.models.distilbert import DistilBertConfig, build_distilbert
-from attnkit.recipes.run import read_run
+from attnkit.models.bert import BertConfig, bert_config
 from attnkit.tokenizers import Tokenizer, TokenizerConfig
-from attnkit.train.checkpoint import (
-    load_run_weights,
-)
 from attnkit.train.loop import TrainConfig
 
 METRICS = ("val_mlm_loss", "val_mlm_ppl", "val_mlm_acc", "val_nsp_acc")
@@ -103,53 +93,3 @@ def pretrain_loss(model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, int]
     out = model(batch.ids, attention_mask=batch.attention_mask,
                 token_type_ids=batch.token_types, mlm_mask=selected)
     return mlm_nsp_loss(out.mlm_logits, batch.labels[selected], out.nsp_logits, batch.nsp)
-
-
-# ---- loading trained models --------------------------------------------------------------------
-def build_family(family: str, config: dict) -> nn.Module:
-    """Rebuild a recorded BERT-family model ("bert" or "distilbert") from its config dict."""
-    if family == "bert":
-        return build_bert(from_dict(BertConfig, config))
-    if family == "distilbert":
-        return build_distilbert(from_dict(DistilBertConfig, config))
-    raise UserError(f"expected a BERT, RoBERTa or DistilBERT run, got a '{family}' model")
-
-
-def load_run_model(run_dir: str | Path, which: Literal["best", "latest"] = "best"
-                   ) -> tuple[nn.Module, Tokenizer]:
-    """A pre-training or distillation run's model (best checkpoint if any), in eval mode."""
-    run_dir = Path(run_dir)
-    record = read_run(run_dir)
-    if "model" not in record or not (run_dir / "tokenizer.json").is_file():
-        raise UserError(f"{run_dir} has no trained model yet")
-    model = build_family(record["model"]["family"], record["model"]["config"])
-    load_run_weights(run_dir, model, which)
-    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json")
-
-
-def load_bert(path: str | Path) -> tuple[nn.Module, Tokenizer]:
-    """A BERT-family model and its tokenizer from an attnkit run directory (pre-training or
-    distillation) or a Hugging Face directory (``config.json`` with a ``model_type``)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"no such directory: {path} (expected an attnkit run or a Hugging Face "
-                        "model directory)")
-    try:
-        record = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = {}
-    if isinstance(record, dict) and "recipe" in record:
-        return load_run_model(path)
-    from attnkit.convert.hf import from_pretrained
-
-    pre = from_pretrained(path)
-    if pre.model_type not in ("bert", "roberta", "distilbert"):
-        raise UserError(f"{path} holds a '{pre.model_type}' model, not BERT/RoBERTa/DistilBERT")
-    if pre.tokenizer is None:
-        raise UserError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)")
-    return pre.model, pre.tokenizer
-
-
-def family_name(model: nn.Module) -> str:
-    """"distilbert" or "bert" (RoBERTa included) for config.json."""
-    return "distilbert" if isinstance(model.cfg, DistilBertConfig) else "bert"

@@ -21,9 +21,11 @@ from attnkit.data.batching import TokenBatches, eval_batches
 from attnkit.decoding import beam_search, greedy_search
 from attnkit.errors import ConfigError, UserError
 from attnkit.evaluation import METRICS, eval_loop, perplexity
+from attnkit.loading import load
 from attnkit.losses import label_smoothed_nll
 from attnkit.models import build_seq2seq, check_seq2seq
-from attnkit.recipes.run import read_run, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import RESULTS, TOKENIZER, write_json_atomic
 from attnkit.tokenizers import (
     Tokenizer,
     TokenizerConfig,
@@ -32,10 +34,6 @@ from attnkit.tokenizers import (
     resolve_tokenizer,
 )
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import (
-    load_run_weights,
-    write_json_atomic,
-)
 from attnkit.train.loop import TrainConfig, fit
 
 Pairs = list[tuple[str, str]]
@@ -91,32 +89,6 @@ class Task:
     train: Pairs
     evals: dict[str, Pairs]
     metric: str
-
-
-# ---- model -------------------------------------------------------------------------------------
-def build_model(run_dir: Path, cfg: Seq2SeqConfig, tok: Tokenizer) -> nn.Module:
-    """Build the configured model and record its resolved config in config.json."""
-    model, resolved = build_seq2seq(cfg.model, cfg.preset, cfg.arch, tok.vocab_size)
-    record = read_run(run_dir)
-    if record.get("model") != {"family": cfg.model, "config": resolved}:
-        record["model"] = {"family": cfg.model, "config": resolved}
-        write_json_atomic(run_dir / "config.json", record)
-    return model
-
-
-def load_model(run_dir: str | Path, which: Literal["best", "latest"] = "best") -> nn.Module:
-    """The trained model of a run (its best checkpoint when it has one), in eval mode."""
-    run_dir = Path(run_dir)
-    record = read_run(run_dir)
-    if "model" not in record:
-        raise UserError(f"{run_dir} has no trained model yet")
-    spec = record["model"]
-    config = dict(spec["config"])
-    src_vocab, tgt_vocab = config.pop("src_vocab_size"), config.pop("tgt_vocab_size")
-    model, _ = build_seq2seq(spec["family"], record["config"]["preset"], config, src_vocab,
-                             tgt_vocab)
-    load_run_weights(run_dir, model, which)
-    return model.eval()
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -208,9 +180,9 @@ def _setup(recipe: str, cfg: Seq2SeqConfig, task: Task) -> tuple[Path, Tokenizer
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
         tok = resolve_tokenizer(cfg.tokenizer, lambda: [x for p in task.train for x in p],
                                 run_dir, NEEDS)
-        if not (run_dir / "tokenizer.json").exists():
-            tok.save(run_dir / "tokenizer.json")
-        return tok, build_model(run_dir, cfg, tok)
+        if not (run_dir / TOKENIZER).exists():
+            tok.save(run_dir / TOKENIZER)
+        return tok, build_seq2seq(cfg.model, cfg.preset, cfg.arch, tok.vocab_size)[0]
 
     return setup_run(recipe, cfg, create)
 
@@ -239,8 +211,8 @@ def train_and_report(recipe: str, cfg: Seq2SeqConfig, task: Task) -> dict:
 
 def final_report(run_dir: Path, cfg: Seq2SeqConfig, task: Task, samples: int = 5) -> dict:
     """Decode every evaluation set with the configured search, print and save the results."""
-    tok = Tokenizer.load(run_dir / "tokenizer.json")
-    model = load_model(run_dir)
+    run = load(run_dir, families=[cfg.model])
+    model, tok = run.model, run.require_tokenizer(run_dir)
     results, lines = {}, []
     for name, pairs in task.evals.items():
         start = time.perf_counter()
@@ -253,7 +225,7 @@ def final_report(run_dir: Path, cfg: Seq2SeqConfig, task: Task, samples: int = 5
         for (src, ref), hyp in list(zip(pairs, hyps, strict=True))[:samples]:
             lines.append(f"  input: {src}\n  reference: {ref}\n  output: {hyp}"
                          + ("" if hyp.strip() == ref.strip() else "   (wrong)"))
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / RESULTS, results)
     print("\n".join(lines))
     print(f"run directory: {run_dir}")
     return results

@@ -32,23 +32,22 @@ from attnkit.data.lm import truncate_documents as truncate
 from attnkit.data.segments import SegmentStream, score_segments
 from attnkit.errors import ConfigError
 from attnkit.evaluation import NLLScore
+from attnkit.loading import load
 from attnkit.losses import token_nll
-from attnkit.models.transformer_xl import FAMILY, TransformerXL, build_transformer_xl, xl_arch
+from attnkit.models import build_lm
+from attnkit.models.transformer_xl import FAMILY, TransformerXL, xl_arch
 from attnkit.nn.attention.adaptive_span import attention_flops, span_penalty
 from attnkit.recipes.lm import (
     SampleConfig,
     load_corpus,
-    load_model,
     sample_texts,
     show_samples,
     with_data_default,
 )
-from attnkit.recipes.run import record_model, setup_run
+from attnkit.recipes.run import setup_run
+from attnkit.rundir import PLOTS, RESULTS, TOKENIZER, write_json_atomic
 from attnkit.tokenizers import Tokenizer, TokenizerConfig, resolve_tokenizer
 from attnkit.train import distributed as dist
-from attnkit.train.checkpoint import (
-    write_json_atomic,
-)
 from attnkit.train.loop import TrainConfig, fit
 from attnkit.train.optim import OptimConfig
 
@@ -91,13 +90,6 @@ class XLLMConfig:
             raise ConfigError("seg_len and batch_size must be >= 1")
         self.train.check_best_metric(METRICS)
         xl_arch(self.preset, self.arch, 1)
-
-
-# ---- model of a run ----------------------------------------------------------------------------
-def load_xl(run_dir: str | Path, which: str = "best") -> tuple[TransformerXL, Tokenizer]:
-    """The trained model of an xl-lm run (best checkpoint if any), in eval mode; a run of
-    another model family is refused in one line."""
-    return load_model(run_dir, which, family=FAMILY)
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -165,7 +157,7 @@ def plot_spans(spans: list[list[float]], path: Path, max_span: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from attnkit.train.checkpoint import atomic_path
+    from attnkit.rundir import atomic_path
     n_heads = len(spans[0])
     width = 0.8 / n_heads
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(spans), 3))
@@ -186,7 +178,8 @@ def plot_spans(spans: list[list[float]], path: Path, max_span: int) -> None:
 
 def final_report(run_dir: Path, cfg: XLLMConfig) -> dict:
     """Held-out bpc with the training memory, the evaluation memory and none; spans."""
-    model, tok = load_xl(run_dir)
+    run = load(run_dir, families=[FAMILY])
+    model, tok = run.model, run.require_tokenizer(run_dir)
     _, val_docs = load_corpus(cfg.data)
     stream, chars = encode_documents(tok, val_docs), n_characters(val_docs)
     seg, mem = _eval_settings(cfg, model)
@@ -205,9 +198,9 @@ def final_report(run_dir: Path, cfg: XLLMConfig) -> dict:
     spans = span_report(model, cfg.seg_len)
     if spans:
         results["adaptive_span"] = spans
-        plot_spans(spans["spans"], run_dir / "plots" / "spans.png", model.cfg.span_max)
+        plot_spans(spans["spans"], run_dir / PLOTS / "spans.png", model.cfg.span_max)
         print(f"attention FLOPs saved by the learned spans: {spans['flops_saved']:.1%}")
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / RESULTS, results)
     print(f"run directory: {run_dir}")
     return results
 
@@ -220,12 +213,9 @@ def main(cfg: XLLMConfig, recipe: str = "xl-lm") -> dict:
     def create(run_dir: Path) -> tuple[Tokenizer, nn.Module]:
         tok = resolve_tokenizer(cfg.tokenizer, lambda: text_chunks(train_docs), run_dir,
                                 ("eos",))
-        if dist.is_main() and not (run_dir / "tokenizer.json").exists():
-            tok.save(run_dir / "tokenizer.json")
-        model, resolved = build_transformer_xl(cfg.preset, cfg.arch, tok.vocab_size)
-        if dist.is_main():
-            record_model(run_dir, FAMILY, resolved)
-        return tok, model
+        if dist.is_main() and not (run_dir / TOKENIZER).exists():
+            tok.save(run_dir / TOKENIZER)
+        return tok, build_lm(FAMILY, cfg.preset, cfg.arch, tok.vocab_size)[0]
 
     run_dir, tok, model = setup_run(recipe, cfg, create)
     segments = SegmentStream(encode_documents(tok, train_docs), cfg.batch_size, cfg.seg_len)

@@ -1,9 +1,9 @@
 """Seeing attention: head, model and neuron views, rollout/flow analyses, comparisons, plots.
 
-Every view takes an attnkit model with its tokenizer, or a directory: an attnkit run
-(Transformer / RNN translation runs, GPT-2 language-model runs, BERT pre-training and
-distillation runs) or a Hugging Face checkpoint (``config.json`` with ``model_type`` gpt2,
-bert, roberta or distilbert, read by :func:`attnkit.convert.hf.from_pretrained`).
+Every view takes an attnkit model with its tokenizer, or a directory: an attnkit run of any
+family with attention to show (Transformer, attentional RNN, GPT-2, Transformer-XL, BERT /
+RoBERTa / DistilBERT, pointer network, NTM) or a Hugging Face checkpoint (``model_type`` gpt2,
+bert, roberta or distilbert), both read by :func:`attnkit.load`.
 For an encoder-decoder model the text is the source and the target is ``target`` (alias
 ``pair``) or, when not given, the model's greedy output; for BERT-style encoders ``pair`` is
 the second sentence ([CLS] a [SEP] b [SEP]); GPT-2 reads one text.
@@ -14,95 +14,42 @@ the second sentence ([CLS] a [SEP] b [SEP]); GPT-2 reads one text.
     viz.model_view(model, tok, "some text")          # in Jupyter: displays inline
 
 Views return a :class:`~attnkit.viz.html.View` (``.html``, ``.save(path)``, ``_repr_html_``).
-A model family plugs in with one capture function in :data:`attnkit.viz.capture.CAPTURES`
-and one input builder in :data:`attnkit.viz.inputs.INPUTS`.
+A model family plugs in with one :class:`~attnkit.viz.families.Way` (input builder + capture
+function) named by its entry in the family table (:data:`attnkit.models.FAMILIES`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.viz.capture import CAPTURES, AttentionGroup, Capture, Inputs, capture
+from attnkit.viz.capture import AttentionGroup, Capture, Inputs
+from attnkit.viz.families import Way, capture, encode, is_seq2seq, way_of
 from attnkit.viz.html import VIEWS, View, render, render_compare
-from attnkit.viz.inputs import INPUTS, encode, is_seq2seq, target_ids
+from attnkit.viz.inputs import target_ids
 
-__all__ = ["AttentionGroup", "CAPTURES", "Capture", "INPUTS", "Inputs", "View", "VIEWS",
+__all__ = ["AttentionGroup", "Capture", "Inputs", "View", "VIEWS", "Way", "capture",
            "capture_ids", "capture_text", "compare_view", "encode", "head_view", "load",
-           "load_pretrained", "model_view", "neuron_view", "render", "rollout_view",
-           "target_ids"]
-
-BERT_RUN_FAMILIES = ("bert", "distilbert")  # recorded by the bert-pretrain and distil recipes
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        record = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def load_pretrained(path: Path) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a Hugging Face directory, with one-line errors."""
-    from attnkit.convert.hf import FAMILIES, from_pretrained
-
-    model_type = _read_config(path).get("model_type")
-    if model_type not in FAMILIES:
-        raise UserError(f"{path} holds a Hugging Face '{model_type}' model; attnkit viz reads "
-                        f"model types {', '.join(FAMILIES)}")
-    try:
-        pre = from_pretrained(path)
-    except UserError as err:
-        raise UserError(f"cannot load the Hugging Face model in {path}: {err}") from None
-    if pre.tokenizer is None:
-        raise UserError(f"{path} has no tokenizer (tokenizer.json, vocab.txt, or vocab.json "
-                        "with merges.txt): cannot turn text into tokens")
-    return pre.model, pre.tokenizer
+           "model_view", "neuron_view", "render", "rollout_view", "target_ids", "way_of"]
 
 
 def load(source: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a model object (tokenizer required), an attnkit run directory
-    or a Hugging Face checkpoint directory."""
+    """(model, tokenizer) from a model object (tokenizer required) or a directory: an attnkit
+    run or a Hugging Face checkpoint (read by :func:`attnkit.load`)."""
     if isinstance(source, nn.Module):
-        if tokenizer is None:
+        if tokenizer is None and way_of(source).tokenizer:
             raise UserError("a model object needs its tokenizer")
         return source, tokenizer
-    path = Path(source)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a directory (expected an attnkit run directory or a "
-                        "Hugging Face model directory)")
-    record = _read_config(path)
-    if "model_type" in record:
-        model, tok = load_pretrained(path)
-    else:
-        family = record.get("model", {}).get("family") if isinstance(
-            record.get("model"), dict) else None
-        model, tok = _load_run(path, family)
-    return model, tokenizer or tok
+    from attnkit.loading import load as load_any
 
-
-def _load_run(path: Path, family: Any) -> tuple[nn.Module, Any]:
-    """An attnkit run: language model, BERT-family or encoder-decoder (by recorded family)."""
-    from attnkit.models import LM_MODELS
-
-    if family in LM_MODELS:
-        from attnkit.recipes.lm import load_model as load_lm
-
-        return load_lm(path)
-    if family in BERT_RUN_FAMILIES:
-        from attnkit.recipes.pretrain import load_run_model
-
-        return load_run_model(path)
-    from attnkit.recipes.seq2seq import load_model
-    from attnkit.tokenizers import Tokenizer
-
-    model = load_model(path)
-    return model, Tokenizer.load(path / "tokenizer.json")
+    loaded = load_any(source, reader="attnkit viz")
+    way = way_of(loaded.model)
+    if tokenizer is None and way.tokenizer:
+        tokenizer = loaded.require_tokenizer(source)
+    return loaded.model, tokenizer or loaded.tokenizer
 
 
 def capture_ids(model: nn.Module, tok: Any, src: list[int], tgt_in: list[int] | None = None,

@@ -1,10 +1,11 @@
 """Capture a model's attention for visualisation: one plain dataclass for every model family.
 
-A family plugs in with one *capture function* ``(model, inputs: Inputs) -> Capture`` entered
-in :data:`CAPTURES` (model class -> function). The views, analyses and plots only ever read a
-:class:`Capture`, so they work for any family that provides one. Families: the encoder-decoder
-Transformer (groups encoder, decoder, cross), the attentional RNN (cross), GPT-2 (self, causal)
-and BERT / RoBERTa / DistilBERT (encoder).
+A family plugs in with one *capture function* ``(model, inputs: Inputs) -> Capture``, named
+with its input builder by the family table's ``viz`` entry (:mod:`attnkit.viz.families`). The
+views, analyses and plots only ever read a :class:`Capture`, so they work for any family that
+provides one. This module holds the
+encoder-decoder Transformer (groups encoder, decoder, cross), the attentional RNN (cross), GPT-2
+(self, causal) and BERT / RoBERTa / DistilBERT (encoder); :mod:`attnkit.viz.families` the rest.
 
 Notation: L layers, H heads, T query (row) tokens, S key (column) tokens, D head size.
 Queries and keys come from forward hooks on the attention projections (``qkv_proj`` for
@@ -217,24 +218,3 @@ def capture_bert(model: BertModel | BertForPreTraining, inputs: Inputs) -> Captu
     return Capture({"encoder": AttentionGroup(
         "encoder", weights, inputs.tokens, inputs.tokens, queries, keys, None,
         1.0 / math.sqrt(enc.arch.d_model // enc.arch.n_heads))})
-
-
-# model class -> capture function; a new family adds one entry (DistilBERT's classes are
-# subclasses of BERT's)
-CAPTURES: dict[type, Callable[[nn.Module, Inputs], Capture]] = {
-    Transformer: capture_transformer, RNNSeq2Seq: capture_rnn, GPT2: capture_gpt2,
-    BertModel: capture_bert, BertForPreTraining: capture_bert}
-
-
-def capture(model: nn.Module, inputs: Inputs) -> Capture:
-    """Dispatch to the capture function of ``model``'s family (in eval mode, restored after)."""
-    for cls, fn in CAPTURES.items():
-        if isinstance(model, cls):
-            was_training = model.training
-            model.eval()
-            try:
-                return fn(model, inputs)
-            finally:
-                model.train(was_training)
-    raise UserError(f"attnkit.viz cannot capture attention of {type(model).__name__} yet "
-                    f"(supported: {', '.join(c.__name__ for c in CAPTURES)})")

@@ -2,7 +2,8 @@
 
 - encoder-decoder (Transformer, RNN): the source text; the decoder reads BOS and ``target``
   (alias ``pair``) or, without one, the model's own greedy output;
-- GPT-2: the text's tokens alone, as bertviz shows them (no BOS is added);
+- GPT-2 and other decoder-only models (Transformer-XL): the text's tokens alone, as bertviz
+  shows them (no BOS is added);
 - BERT: ``[CLS] a [SEP]``, or with ``pair`` ``[CLS] a [SEP] b [SEP]`` with token types 0 up to
   the first [SEP] and 1 after it (Devlin et al. 2019, section 3);
 - RoBERTa: ``<s> a </s>``, a pair as ``<s> a </s></s> b </s>`` (one token type; Liu et al. 2019);
@@ -14,7 +15,6 @@ tokenizer's BOS/EOS ids (``attnkit.tokenizers`` maps them by name).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,9 +22,6 @@ from torch import nn
 
 from attnkit.errors import UserError
 from attnkit.models.bert import BertForPreTraining, BertModel, encoder_of
-from attnkit.models.gpt2 import GPT2
-from attnkit.models.rnn import RNNSeq2Seq
-from attnkit.models.transformer import Transformer
 from attnkit.viz.capture import Inputs
 
 
@@ -66,13 +63,16 @@ def seq2seq_inputs(model: nn.Module, tok: Any, text: str, target: str | None,
     return Inputs(src, _labels(tok, src), tgt, _labels(tok, tgt))
 
 
-def gpt2_inputs(model: GPT2, tok: Any, text: str, target: str | None,
-                pair: str | None) -> Inputs:
-    """The tokens of ``text`` for a decoder-only language model (one text only)."""
+def lm_inputs(model: nn.Module, tok: Any, text: str, target: str | None,
+              pair: str | None) -> Inputs:
+    """The tokens of ``text`` for a decoder-only language model (one text only), at most its
+    context (``n_positions``; relative positions as Transformer-XL's have no limit) long."""
     if target is not None or pair is not None:
         raise UserError(f"{type(model).__name__} reads one text: a second text (--pair or "
                         "--target) is for BERT-style pairs and encoder-decoder models")
-    ids = text_ids(tok, text, "input", model.config.n_positions)
+    from attnkit.models import config_of
+
+    ids = text_ids(tok, text, "input", getattr(config_of(model), "n_positions", 1 << 16))
     return Inputs(ids, _labels(tok, ids))
 
 
@@ -98,26 +98,3 @@ def bert_inputs(model: BertModel | BertForPreTraining, tok: Any, text: str,
     if arch.type_vocab_size > 1:
         types = [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
     return Inputs(ids, _labels(tok, ids), token_types=types)
-
-
-# model class -> (model, tokenizer, text, target, pair) -> Inputs; a family adds one entry
-INPUTS: dict[type, Callable[..., Inputs]] = {
-    Transformer: seq2seq_inputs, RNNSeq2Seq: seq2seq_inputs, GPT2: gpt2_inputs,
-    BertModel: bert_inputs, BertForPreTraining: bert_inputs}
-
-
-def encode(model: nn.Module, tok: Any, text: str, target: str | None = None,
-           pair: str | None = None) -> Inputs:
-    """The :class:`Inputs` of ``text`` (and ``target``/``pair``) for ``model``'s family."""
-    if target is not None and pair is not None:
-        raise UserError("give either target or pair, not both")
-    for cls, fn in INPUTS.items():
-        if isinstance(model, cls):
-            return fn(model, tok, text, target, pair)
-    raise UserError(f"attnkit.viz cannot capture attention of {type(model).__name__} yet "
-                    f"(supported: {', '.join(c.__name__ for c in INPUTS)})")
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    """True when ``model``'s decoder reads a target (greedy output by default)."""
-    return any(isinstance(model, c) and fn is seq2seq_inputs for c, fn in INPUTS.items())
