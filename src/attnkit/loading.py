@@ -49,9 +49,10 @@ def load(path: str | Path, which: Literal["best", "latest"] = "best", *,
     in the message about an unreadable Hugging Face ``model_type``."""
     path, allowed = Path(path), None if families is None else list(families)
     if not path.is_dir():
+        missing = "" if path.exists() else "model directory not found: "
         why = "a file" if path.exists() else "no such directory"
-        raise UserError(f"{path} is not a directory ({why}; expected an attnkit run directory "
-                        "or a Hugging Face model directory)")
+        raise UserError(f"{missing}{path} is not a directory ({why}; expected an attnkit run "
+                        "directory or a Hugging Face model directory)")
     record = read_config_json(path)
     if "model_type" in record and "recipe" not in record:
         loaded = _load_pretrained(path, record["model_type"], reader)
