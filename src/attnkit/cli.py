@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("run", metavar="PATH",
                    help="attnkit run directory, or Hugging Face model directory (gpt2, bert, "
                         "roberta, distilbert)")
-    v.add_argument("text", help="the text (the source of an encoder-decoder model)")
+    v.add_argument("text", help="the text (the source of an encoder-decoder model; numbers "
+                                "for a pointer network, bit vectors for an NTM)")
     v.add_argument("--target", help="target text of an encoder-decoder model (default: its "
                                     "greedy output)")
     v.add_argument("--pair", help="second text: sentence B of a BERT-style pair, or the "
