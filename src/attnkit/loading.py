@@ -84,9 +84,10 @@ def _load_run(path: Path, which: Literal["best", "latest"], families: list[str] 
 
     record = read_run(path)
     spec = record.get("model")
-    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+    if not (isinstance(spec, dict) and isinstance(spec.get("config"), dict)
+            and isinstance(spec.get("family"), str)):
         raise UserError(f"{path} has no trained model yet")
-    family = spec.get("family")
+    family = spec["family"]
     if families is not None and family not in families:  # before building anything
         raise UserError(f"{path} holds a '{family}' model, not {' or '.join(families)}")
     get_family(family)  # a one-line error for a family attnkit does not know

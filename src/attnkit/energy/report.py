@@ -14,7 +14,7 @@ from pathlib import Path
 
 from attnkit.energy.account import read_energy
 from attnkit.errors import UserError
-from attnkit.rundir import atomic_path, read_metrics
+from attnkit.rundir import RESULTS, atomic_path, read_metrics
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RunCost:
 def _results(run: Path) -> dict[str, float]:
     """Numeric scores of every set in results.json (not counts or timings), "set/metric"."""
     try:
-        data = json.loads((run / "results.json").read_text(encoding="utf-8"))
+        data = json.loads((run / RESULTS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
