@@ -59,6 +59,14 @@ def test_a_toy_family_trains_evaluates_generates_and_draws(
     expect = _greedy_by_recomputation(model, tok.encode("the c"), 6, tok.eos_id)
     expect = [t for t in expect if t != tok.eos_id]
     assert capsys.readouterr().out == "the c" + tok.decode(expect) + "\n"
+    prompt = tok.encode("the c")  # the toy's decoding protocol: cached steps = recomputation
+    state, nxt, stepped = model.start(torch.tensor([prompt]), max_new_tokens=6), prompt, []
+    with torch.no_grad():
+        for _ in range(6):
+            logits, state = model.step(state, torch.tensor([nxt]))
+            nxt = [int(logits[0].argmax())]
+            stepped += nxt
+    assert stepped == _greedy_by_recomputation(model, prompt, 6, None)
 
     out = tmp_path / "toy.html"
     assert main(["viz", str(toy_run), "the cat", "-o", str(out)]) == 0

@@ -1,7 +1,7 @@
 """How viz reads each family: text -> :class:`Inputs` -> :class:`Capture`, found through the
 family table (an entry's ``viz`` names one :class:`Way` of this module, or of any module).
 
-Every capture asks the model for its weights (``need_weights=True``, the attention core's
+Every capture asks the model for its weights (``output_attentions=True``, the attention core's
 "return the weights" path) or reads the distributions the model outputs; nothing is kept as a
 side effect. Transformer-XL's relative attention, the attentional RNN's alignment, the pointer
 network's pointer distributions and the NTM's addressing weights show as they are computed.
@@ -81,9 +81,9 @@ def is_seq2seq(model: nn.Module) -> bool:
 
 # ---- decoder-only language models that return .attentions (e.g. a new family) ----------------
 def capture_lm(model: nn.Module, inputs: Inputs) -> Capture:
-    """Causal self-attention, "self": ``model(ids, need_weights=True).attentions``, one
+    """Causal self-attention, "self": ``model(ids, output_attentions=True).attentions``, one
     (1, H, T, T) tensor per layer."""
-    out = model(torch.tensor([inputs.ids]), need_weights=True)
+    out = model(torch.tensor([inputs.ids]), output_attentions=True)
     t = len(inputs.ids)
     return Capture({"self": AttentionGroup(
         "self", [w[0] for w in out.attentions], inputs.tokens, inputs.tokens,
@@ -95,9 +95,9 @@ def capture_xl(model: nn.Module, inputs: Inputs) -> Capture:
     """Transformer-XL's relative self-attention (Dai et al. 2019, eq. in section 3.3) over the
     text as one segment without memory, "self"; with all-attention's persistent vectors
     (Sukhbaatar et al. 2019b) their N key slots follow the tokens as columns "[p0]".."""
-    out = model(torch.tensor([inputs.ids]), need_weights=True)
+    out = model(torch.tensor([inputs.ids]), output_attentions=True)
     t = len(inputs.ids)
-    weights = [w[0] for w in out.weights]  # L x (H, T, T + N)
+    weights = [w[0] for w in out.attentions]  # L x (H, T, T + N)
     extra = weights[0].size(-1) - t
     cols = inputs.tokens + [f"[p{i}]" for i in range(extra)]
     mask = torch.cat([torch.ones(t, t, dtype=torch.bool).tril(),
@@ -163,7 +163,7 @@ def capture_ntm(model: nn.Module, inputs: Inputs) -> Capture:
     x = torch.zeros(1, 2 * n + 1, width + 1)  # (1, T, W + 1), as attnkit.data.copy_examples
     x[0, :n, :width] = torch.tensor([[float(b) for b in w] for w in inputs.ids])
     x[0, n, width] = 1.0
-    out = model(x, need_weights=True)
+    out = model(x, output_attentions=True)
     cols = [f"m{i}" for i in range(model.cfg.memory_size)]
     return Capture({name: AttentionGroup(name, [w[0].transpose(0, 1)], inputs.tokens, cols)
                     for name, w in (("read", out.read_weights), ("write", out.write_weights))})
