@@ -146,13 +146,4 @@ def test_commands_on_a_tiny_run_of_each_family(family: str, runs: Path, text: Pa
     assert main(["eval", str(run)]) == 0
     _viz(family, run, tmp_path, capsys)
     _export(family, run, tmp_path, capsys)
-    if family != "transformer-xl":
-        _decode(family, run, capsys)
-
-
-@pytest.mark.xfail(strict=True, reason="Transformer-XL speaks the decoding protocol once the "
-                   "decoding helper's work is merged; until then `attnkit generate` refuses it "
-                   "in one line")
-def test_generate_on_a_transformer_xl_run(runs: Path, text: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
-    _decode("transformer-xl", _train("transformer-xl", runs, text), capsys)
+    _decode(family, run, capsys)
