@@ -26,8 +26,8 @@ from torch import nn
 from attnkit.cli import main
 from attnkit.decoding import beam_search, greedy_search, length_penalty
 from attnkit.generation import GenerationConfig, generate
+from attnkit.models import build_seq2seq
 from attnkit.models.gpt2 import GPT2, GPT2Config
-from attnkit.models.rnn import build_rnn, build_rnn_attention
 from attnkit.models.transformer import Transformer, TransformerConfig
 from attnkit.models.transformer_xl import TransformerXL, xl_arch
 
@@ -93,8 +93,8 @@ def transformer(vocab: int = 7, seed: int = 0):
 def rnn(vocab: int = 7, seed: int = 0, **arch):
     torch.manual_seed(seed)
     sizes = dict(embed_size=12, hidden_size=16, dropout=0.0)
-    build = build_rnn if arch.get("attention") == "none" else build_rnn_attention
-    model, _ = build("tiny", {**sizes, **arch}, vocab)
+    family = "rnn" if arch.get("attention") == "none" else "rnn-attention"
+    model, _ = build_seq2seq(family, "tiny", {**sizes, **arch}, vocab)
     with torch.no_grad():  # wider logits: varied outputs (the init is uniform +-0.1)
         model.out_proj.weight.mul_(20.0)
     return model
@@ -243,7 +243,7 @@ def test_truncate_still_fits_the_prompt_to_the_context():
 
 def test_cli_generates_past_the_default_lm_context(tmp_path, capsys):
     """Issue 21: the README's example on a default "lm" run (context 64) was refused."""
-    from attnkit.recipes.lm import load_model
+    from attnkit import load
 
     data = tmp_path / "text.txt"
     data.write_text("ROMEO: but soft, what light through yonder window breaks?\n" * 40,
@@ -253,7 +253,8 @@ def test_cli_generates_past_the_default_lm_context(tmp_path, capsys):
             "train.threads=1", "sample.n=0", "train.eval_every=2", "eval.max_chars=200",
             f"data.train={data}", f"run_dir={run}"]
     assert main(["train", "lm", *[a for s in sets for a in ("--set", s)]]) == 0
-    model, tok = load_model(run)
+    loaded = load(run)
+    model, tok = loaded.model, loaded.tokenizer
     assert model.config.n_positions == 64
     capsys.readouterr()
     assert main(["generate", str(run), "ROMEO:", "--max-new-tokens", "200", "--greedy"]) == 0

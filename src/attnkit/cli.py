@@ -127,7 +127,7 @@ def _resume(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from attnkit.recipes import config_of_run
-    from attnkit.recipes.run import read_run
+    from attnkit.rundir import read_run
 
     recipe, cfg = config_of_run(read_run(args.run))
     _run_recipe(recipe, replace(cfg, run_dir=args.run))
