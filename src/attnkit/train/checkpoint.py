@@ -19,7 +19,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open

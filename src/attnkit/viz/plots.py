@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from attnkit.errors import UserError
+from attnkit.rundir import atomic_path
 from attnkit.viz import analysis
 from attnkit.viz.capture import AttentionGroup, Capture
 
@@ -37,8 +38,6 @@ def _labels(ax, rows: list[str], cols: list[str]) -> None:
 
 def _save(fig, path: str | Path) -> Path:
     """Write the figure atomically, in the format its suffix names (PNG without one)."""
-    from attnkit.train.checkpoint import atomic_path
-
     path = Path(path)
     fmt = path.suffix[1:].lower() or "png"
     try:
