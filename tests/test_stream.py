@@ -95,3 +95,32 @@ def test_states_of_other_data_are_refused():
 def test_a_stream_without_batch_says_so():
     with pytest.raises(NotImplementedError):
         next(iter(BatchStream()))
+
+
+def test_row_batch_moves_and_shards_its_tensor_fields():
+    """Every batch class shares RowBatch: tensors move (but ``on_host`` ones), rows split
+    ``rank::world``, ``None`` and non-tensor fields pass unchanged."""
+    from attnkit.data.algorithmic import TensorBatch
+    from attnkit.data.mlm import MLMBatch
+    from attnkit.data.segments import MemoryCarry, SegmentBatch
+
+    rows = torch.arange(5)
+    gen = TensorBatch(rows[:, None] * 10, rows[:, None] * 20, rows + 1)
+    on_meta = gen.to("meta")
+    assert isinstance(on_meta, TensorBatch) and on_meta.inputs.device.type == "meta"
+    assert on_meta.targets.device.type == "meta" and on_meta.counts.device.type == "cpu"
+    assert len(gen) == 5 and gen.n_tokens == 15
+    part = gen.shard(1, 2)
+    assert part.inputs[:, 0].tolist() == [10, 30] and part.counts.tolist() == [2, 4]
+    with pytest.raises(ValueError):
+        gen.shard(2, 2)
+
+    mlm = MLMBatch(rows[:, None], rows[:, None] + 1, torch.ones(5, 1, dtype=torch.long))
+    part = mlm.shard(0, 3)
+    assert part.labels[:, 0].tolist() == [1, 4] and part.token_types is None
+    assert part.nsp is None and mlm.to("meta").token_types is None
+
+    carry = MemoryCarry([torch.zeros(5, 2, 3)])
+    seg = SegmentBatch(rows[:, None], rows[:, None], reset=True, carry=carry)
+    part = seg.to("meta").shard(2, 3)
+    assert part.ids.shape == (1, 1) and part.reset and part.carry is carry

@@ -26,36 +26,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnkit.data.stream import BatchStream
+from attnkit.data.stream import BatchStream, RowBatch
 from attnkit.errors import UserError
 
 
 @dataclass
-class TensorBatch:
+class TensorBatch(RowBatch):
     """Generated examples: ``inputs`` and ``targets`` (B, ...) and ``counts`` (B,), the number
     of loss units (sorted positions, copied bits, parity labels) each row carries."""
 
     inputs: Tensor
     targets: Tensor
     counts: Tensor  # (B,) int64
-
-    def to(self, device: torch.device | str) -> TensorBatch:
-        return TensorBatch(self.inputs.to(device), self.targets.to(device), self.counts)
+    on_host = ("counts",)  # read on the host (``n_tokens``): ``to`` leaves it there
 
     @property
     def n_tokens(self) -> int:
         """Loss units in the batch (what the trainer counts as tokens seen)."""
         return int(self.counts.sum())
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
-
-    def shard(self, rank: int, world: int) -> TensorBatch:
-        """Rows ``rank::world`` (data parallel)."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world of size {world}")
-        return TensorBatch(self.inputs[rank::world], self.targets[rank::world],
-                           self.counts[rank::world])
 
 
 def _check_batch(batch: int, length: int) -> None:

@@ -12,12 +12,12 @@ model wants it. ``pairs`` are token id lists, e.g. from :meth:`Tokenizer.encode_
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from attnkit.data.stream import BatchStream
+from attnkit.data.stream import BatchStream, RowBatch
 from attnkit.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -26,34 +26,19 @@ Pair = tuple[list[int], list[int]]
 
 
 @dataclass
-class Seq2SeqBatch:
+class Seq2SeqBatch(RowBatch):
     """A padded batch; ``index`` holds each row's position in the original pair list."""
 
     src: torch.Tensor  # (B, S) int64, right-padded with PAD
     tgt_in: torch.Tensor  # (B, T) BOS y1..yn, right-padded
     tgt_out: torch.Tensor  # (B, T) y1..yn EOS, right-padded
     index: torch.Tensor | None = None  # (B,) int64
-
-    def to(self, device: torch.device | str) -> Seq2SeqBatch:
-        """The batch on ``device`` (``index`` stays where it is: it is bookkeeping)."""
-        return Seq2SeqBatch(self.src.to(device), self.tgt_in.to(device),
-                            self.tgt_out.to(device), self.index)
+    on_host = ("index",)  # bookkeeping: ``to`` leaves it where it is
 
     @property
     def n_tokens(self) -> int:
         """Number of non-PAD target tokens (the loss normaliser)."""
         return int((self.tgt_out != PAD_ID).sum())
-
-    def __len__(self) -> int:
-        return self.src.shape[0]
-
-    def shard(self, rank: int, world: int) -> Seq2SeqBatch:
-        """Rows ``rank::world`` (data parallel); may be empty when the batch has < world rows."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world of size {world}")
-        parts = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Seq2SeqBatch(**{k: None if v is None else v[rank::world]
-                               for k, v in parts.items()})
 
 
 def _pad(seqs: list[list[int]]) -> torch.Tensor:

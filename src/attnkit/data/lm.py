@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attnkit.data.stream import BatchStream
+from attnkit.data.stream import BatchStream, RowBatch
 from attnkit.data.text import read_text
 from attnkit.errors import ConfigError, UserError
 from attnkit.evaluation import NLLScore, eval_loop
@@ -181,28 +181,16 @@ def text_chunks(docs: Sequence[str], size: int = 1 << 16) -> Iterator[str]:
 # ---- batches -----------------------------------------------------------------------------------
 
 @dataclass
-class LMBatch:
+class LMBatch(RowBatch):
     """Inputs and next-token targets; targets equal to :data:`IGNORE` are not scored."""
 
     ids: Tensor  # (B, T) int64
     targets: Tensor  # (B, T) int64
 
-    def to(self, device: torch.device | str) -> LMBatch:
-        return LMBatch(self.ids.to(device), self.targets.to(device))
-
     @property
     def n_tokens(self) -> int:
         """Number of scored targets (the loss normaliser)."""
         return int((self.targets != IGNORE).sum())
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def shard(self, rank: int, world: int) -> LMBatch:
-        """Rows ``rank::world`` (data parallel)."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world of size {world}")
-        return LMBatch(self.ids[rank::world], self.targets[rank::world])
 
 
 class LMWindows(BatchStream):

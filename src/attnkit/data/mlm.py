@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from attnkit.data.lm import LMData
-from attnkit.data.stream import EpochBatches
+from attnkit.data.stream import EpochBatches, RowBatch
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import IGNORE
 
@@ -302,7 +302,7 @@ def nsp_pairs(docs: Sequence[Sequence[Sequence[int]]], max_tokens: int, bos: int
 # ---- batches ---------------------------------------------------------------------------------
 
 @dataclass
-class MLMBatch:
+class MLMBatch(RowBatch):
     """A padded batch: masked inputs, labels (:data:`IGNORE` = unscored), real-token mask."""
 
     ids: Tensor                     # (B, S) masked inputs
@@ -310,12 +310,6 @@ class MLMBatch:
     attention_mask: Tensor          # (B, S) 1 = real token
     token_types: Tensor | None = None  # (B, S) segment ids (sentence pairs)
     nsp: Tensor | None = None       # (B,) 0 = IsNext, 1 = NotNext
-
-    def to(self, device: torch.device | str) -> MLMBatch:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
-        return MLMBatch(self.ids.to(device), self.labels.to(device),
-                        self.attention_mask.to(device), move(self.token_types), move(self.nsp))
 
     @property
     def n_tokens(self) -> int:
@@ -326,16 +320,6 @@ class MLMBatch:
     def n_masked(self) -> int:
         """Scored positions (the MLM loss normaliser)."""
         return int((self.labels != IGNORE).sum())
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def shard(self, rank: int, world: int) -> MLMBatch:
-        """Rows ``rank::world`` (data parallel)."""
-        def part(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[rank::world]
-        return MLMBatch(self.ids[rank::world], self.labels[rank::world],
-                        self.attention_mask[rank::world], part(self.token_types), part(self.nsp))
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor, Tensor | None,

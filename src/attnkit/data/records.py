@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.data.stream import EpochBatches
+from attnkit.data.stream import EpochBatches, RowBatch
 from attnkit.data.text import read_text
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import IGNORE
@@ -193,24 +193,15 @@ def encode(task: str, tok: Any, records: list[dict], names: FinetuneData, labels
 
 
 @dataclass
-class TaskBatch:
+class TaskBatch(RowBatch):
     ids: Tensor              # (B, S)
     attention_mask: Tensor   # (B, S)
     types: Tensor            # (B, S)
     target: Tensor           # (B,) classes | (B, S) token labels | (B, 2) spans
 
-    def to(self, device: torch.device | str) -> TaskBatch:
-        return TaskBatch(*(t.to(device) for t in (self.ids, self.attention_mask, self.types,
-                                                  self.target)))
-
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
-
-    def shard(self, rank: int, world: int) -> TaskBatch:
-        return TaskBatch(*(t[rank::world] for t in (self.ids, self.attention_mask, self.types,
-                                                    self.target)))
-
 
 def collate_items(items: Sequence[Item], pad_id: int) -> TaskBatch:
     width = max(len(it.ids) for it in items)

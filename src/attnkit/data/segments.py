@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attnkit.data.stream import BatchStream
+from attnkit.data.stream import BatchStream, RowBatch
 from attnkit.errors import UserError
 from attnkit.evaluation import NLLScore, eval_loop
 from attnkit.losses import token_nll
@@ -46,7 +46,7 @@ class MemoryCarry:
 
 
 @dataclass
-class SegmentBatch:
+class SegmentBatch(RowBatch):
     """Segment k of every row: inputs, next-token targets, and the memory to continue from."""
 
     ids: Tensor  # (B, T) int64
@@ -54,23 +54,9 @@ class SegmentBatch:
     reset: bool = False  # True: this segment does not continue the previous one
     carry: MemoryCarry = field(default_factory=MemoryCarry)
 
-    def to(self, device: torch.device | str) -> SegmentBatch:
-        return SegmentBatch(self.ids.to(device), self.targets.to(device), self.reset,
-                            self.carry)
-
     @property
     def n_tokens(self) -> int:
         return self.targets.numel()
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def shard(self, rank: int, world: int) -> SegmentBatch:
-        """Rows ``rank::world`` (data parallel); a rank's carry then holds its rows only."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world of size {world}")
-        return SegmentBatch(self.ids[rank::world], self.targets[rank::world], self.reset,
-                            self.carry)
 
 
 def stream_rows(stream: Tensor, batch_size: int) -> Tensor:

@@ -9,6 +9,8 @@ names the next one; a fresh stream over the same data continues bitwise after
 
 - :class:`BatchStream`: the position ``index``, iteration, state, fingerprint checks;
   a subclass gives ``batch(k)`` (random windows of a text, generated problems, segments).
+- :class:`RowBatch`: what every batch a stream yields shares: ``to(device)``,
+  ``shard(rank, world)`` and ``len`` over its tensor fields, one row per example.
 - :class:`EpochBatches`: fixed items visited epoch by epoch, epoch ``e`` in a permutation
   seeded by ``(seed, e)``, ``batch_size`` items a batch, the last partial batch of an epoch
   dropped; a subclass turns the rows of batch ``k`` into a batch (masked sequences, encoded
@@ -22,11 +24,39 @@ batching, whose epochs hold different numbers of batches) or by adding to the st
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from dataclasses import fields, replace
+from typing import Any, ClassVar, Self
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from attnkit.errors import UserError
+
+
+class RowBatch:
+    """Base of the batch dataclasses: their tensor fields hold one row per example (``None``
+    and other fields, such as a carried memory, are passed along unchanged)."""
+
+    on_host: ClassVar[tuple[str, ...]] = ()  # bookkeeping tensors ``to`` leaves where they are
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: v for f in fields(self)
+                if isinstance(v := getattr(self, f.name), Tensor)}
+
+    def to(self, device: torch.device | str) -> Self:
+        """The batch with its tensors (but ``on_host``) on ``device``."""
+        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()
+                                if k not in self.on_host})
+
+    def __len__(self) -> int:
+        return next(iter(self._tensors().values())).shape[0]
+
+    def shard(self, rank: int, world: int) -> Self:
+        """Rows ``rank::world`` (data parallel); may be empty when the batch has < world rows."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of size {world}")
+        return replace(self, **{k: v[rank::world] for k, v in self._tensors().items()})
 
 
 class BatchStream:
