@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from attnkit.config import from_dict, to_dict
-from attnkit.data.algorithmic import TensorBatch, fixed_batches
+from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches
 from attnkit.errors import ConfigError
 from attnkit.evaluation import eval_loop
 from attnkit.recipes import run
 from attnkit.rundir import RESULTS, write_json_atomic
 from attnkit.train import distributed as dist
+from attnkit.train.loop import LossFn, fit
 
 Build = Callable[[Any], nn.Module]  # model config -> model
 
@@ -91,6 +92,17 @@ def make_evaluate(measure: Measure, example: Example, d: Any, names: dict[str, s
         seen = mean_of(list(measure_sets(dist.unwrap(model), measure, sets).values()))
         return {name: seen[key] for name, key in names.items()}
     return evaluate
+
+
+def train_by_length(recipe: str, cfg: Any, model_cfg: Any, build: Build, example: Example,
+                    loss_fn: LossFn, measure: Measure, names: dict[str, str]) -> Path:
+    """Set up the run and train on ``cfg.batch_size`` examples a batch, each batch of one
+    length drawn from ``cfg.data``; evaluation during training is :func:`make_evaluate`'s."""
+    run_dir, model = setup_run(recipe, cfg, model_cfg, build)
+    batches = GeneratedBatches(draw(example, cfg.data, cfg.batch_size), seed=cfg.data.seed)
+    fit(model, loss_fn, batches, cfg.train, run_dir,
+        evaluate=make_evaluate(measure, example, cfg.data, names))
+    return run_dir
 
 
 def mean_of(groups: list[dict[str, float]]) -> dict[str, float]:

@@ -16,24 +16,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, copy_examples
+from attnkit.data.algorithmic import TensorBatch, copy_examples
 from attnkit.errors import ConfigError
 from attnkit.loading import load
 from attnkit.models.ntm import NTM, NTMConfig, bit_errors, copy_loss
 from attnkit.recipes.algorithmic import (
     Example,
     arch_defaults,
-    draw,
     eval_sets,
-    make_evaluate,
     mean_of,
     measure_sets,
     model_config,
-    setup_run,
+    train_by_length,
     write_report,
 )
 from attnkit.train import distributed as dist
-from attnkit.train.loop import TrainConfig, fit
+from attnkit.train.loop import TrainConfig
 from attnkit.train.optim import OptimConfig
 
 METRICS = ("val_loss", "seen_bit_errors", "seen_exact")
@@ -101,11 +99,8 @@ def measure(model: NTM, batch: TensorBatch) -> dict[str, float]:
 
 
 def main(cfg: NTMCopyConfig, recipe: str = "ntm-copy") -> dict:
-    run_dir, model = setup_run(recipe, cfg, ntm_config(cfg), NTM)
-    batches = GeneratedBatches(draw(_example(cfg.data), cfg.data, cfg.batch_size),
-                               seed=cfg.data.seed)
-    fit(model, loss_fn, batches, cfg.train, run_dir,
-        evaluate=make_evaluate(measure, _example(cfg.data), cfg.data, NAMES))
+    run_dir = train_by_length(recipe, cfg, ntm_config(cfg), NTM, _example(cfg.data), loss_fn,
+                              measure, NAMES)
     return evaluate(run_dir, cfg) if dist.is_main() else {}
 
 

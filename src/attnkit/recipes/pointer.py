@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, sort_examples
+from attnkit.data.algorithmic import TensorBatch, sort_examples
 from attnkit.errors import ConfigError
 from attnkit.loading import load
 from attnkit.models.pointer import (
@@ -30,17 +30,15 @@ from attnkit.models.pointer import (
 from attnkit.recipes.algorithmic import (
     Example,
     arch_defaults,
-    draw,
     eval_sets,
-    make_evaluate,
     mean_of,
     measure_sets,
     model_config,
-    setup_run,
+    train_by_length,
     write_report,
 )
 from attnkit.train import distributed as dist
-from attnkit.train.loop import TrainConfig, fit
+from attnkit.train.loop import TrainConfig
 from attnkit.train.optim import OptimConfig
 
 METRICS = ("val_loss", "seen_exact", "seen_per_position")
@@ -111,11 +109,8 @@ def measure(model: PointerNet, batch: TensorBatch) -> dict[str, float]:
 
 
 def main(cfg: PointerSortConfig, recipe: str = "pointer-sort") -> dict:
-    run_dir, model = setup_run(recipe, cfg, pointer_config(cfg), PointerNet)
-    batches = GeneratedBatches(draw(_example(cfg.data), cfg.data, cfg.batch_size),
-                               seed=cfg.data.seed)
-    fit(model, loss_fn, batches, cfg.train, run_dir,
-        evaluate=make_evaluate(measure, _example(cfg.data), cfg.data, NAMES))
+    run_dir = train_by_length(recipe, cfg, pointer_config(cfg), PointerNet, _example(cfg.data),
+                              loss_fn, measure, NAMES)
     return evaluate(run_dir, cfg) if dist.is_main() else {}
 
 
