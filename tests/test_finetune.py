@@ -214,6 +214,28 @@ def test_qa_encoding_maps_answers_to_token_spans():
         assert item.types[i] == 1 and item.ids[base - 1] == tok.eos_id
 
 
+def test_label_and_tag_encoding_and_unknown_labels():
+    from attnkit.data.records import encode_classify, encode_tokens
+    from attnkit.losses import IGNORE
+    from attnkit.tokenizers import Tokenizer
+
+    tok = Tokenizer.train("wordpiece", ["the cat sat", "a dog ran"], vocab_size=60)
+    names = FinetuneData()
+    records = [{"text": "the cat", "label": "pos"}, {"text": "a dog", "label": "neg"}]
+    items = encode_classify(tok, records, names, ["neg", "pos"], 16, "train")
+    assert [item.target for item in items] == [1, 0]
+    with pytest.raises(UserError, match="valid record 2: label 'meh' does not occur"):
+        encode_classify(tok, [records[0], {"text": "a", "label": "meh"}], names,
+                        ["neg", "pos"], 16, "valid")
+    (item,) = encode_tokens(tok, [{"tokens": ["the", "cat"], "tags": ["O", "B"]}], names,
+                            ["B", "O"], 16, "train")
+    assert item.target[0] == item.target[-1] == IGNORE  # BOS, EOS
+    assert [t for t in item.target if t != IGNORE] == [1, 0]  # first piece of each word
+    with pytest.raises(UserError, match="test record 1: tag 'X' does not occur"):
+        encode_tokens(tok, [{"tokens": ["a", "dog"], "tags": ["O", "X"]}], names, ["B", "O"],
+                      16, "test")
+
+
 def test_records_and_config_errors(tmp_path):
     assert read_records(EXAMPLES / "sentiment.csv")[0].keys() == {"text", "label"}
     (tmp_path / "x.txt").write_text("a", encoding="utf-8")

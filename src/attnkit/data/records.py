@@ -110,19 +110,25 @@ def _single(tok: Any, text: str, pair: str | None, max_len: int) -> tuple[list, 
     return ids, [0] * len(ids)
 
 
+def _indices(index: dict[str, int], values: list[str], at: str, what: str) -> list[int]:
+    """The label indices of ``values``; one the training data lack is an error."""
+    unknown = [v for v in values if v not in index]
+    if unknown:
+        raise UserError(f"{at}: {what} '{unknown[0]}' does not occur in the training data")
+    return [index[v] for v in values]
+
+
 def encode_classify(tok: Any, records: list[dict], names: FinetuneData, labels: list[str],
                     max_len: int, where: str) -> list[Item]:
     index = {name: i for i, name in enumerate(labels)}
     out = []
     for n, r in enumerate(records, 1):
-        label = str(_field(r, names.label, f"{where} record {n}"))
-        if label not in index:
-            raise UserError(f"{where} record {n}: label '{label}' does not occur in the "
-                            "training data")
+        at = f"{where} record {n}"
+        label, = _indices(index, [str(_field(r, names.label, at))], at, "label")
         pair = r.get(names.text_pair) or None
-        ids, types = _single(tok, str(_field(r, names.text, f"{where} record {n}")),
+        ids, types = _single(tok, str(_field(r, names.text, at)),
                              None if pair is None else str(pair), max_len)
-        out.append(Item(ids, types, index[label]))
+        out.append(Item(ids, types, label))
     return out
 
 
@@ -131,17 +137,15 @@ def encode_tokens(tok: Any, records: list[dict], names: FinetuneData, labels: li
     index = {name: i for i, name in enumerate(labels)}
     out = []
     for n, r in enumerate(records, 1):
-        words = _words(_field(r, names.tokens, f"{where} record {n}"))
-        tags = _words(_field(r, names.tags, f"{where} record {n}"))
+        at = f"{where} record {n}"
+        words = _words(_field(r, names.tokens, at))
+        tags = _words(_field(r, names.tags, at))
         if len(words) != len(tags) or not words:
-            raise UserError(f"{where} record {n}: {len(words)} tokens but {len(tags)} tags")
-        unknown_tags = [t for t in tags if t not in index]
-        if unknown_tags:
-            raise UserError(f"{where} record {n}: tag '{unknown_tags[0]}' does not occur in the "
-                            "training data")
+            raise UserError(f"{at}: {len(words)} tokens but {len(tags)} tags")
+        tag_ids = _indices(index, tags, at, "tag")
         enc = tok.backend.encode(words, is_pretokenized=True, add_special_tokens=False)
         ids, word_ids = enc.ids[: max_len - 2], enc.word_ids[: max_len - 2]
-        target = [IGNORE] + [index[tags[w]] if w is not None and (j == 0 or word_ids[j - 1] != w)
+        target = [IGNORE] + [tag_ids[w] if w is not None and (j == 0 or word_ids[j - 1] != w)
                              else IGNORE for j, w in enumerate(word_ids)] + [IGNORE]
         out.append(Item([tok.bos_id, *ids, tok.eos_id], [0] * (len(ids) + 2), target))
     return out
