@@ -137,3 +137,15 @@ def test_difficulty_levels_grow(tmp_path):
         return sum(len(a) for _, a in data) / len(data)
 
     assert mean_answer_length("easy") < mean_answer_length("hard")
+
+
+def test_cache_write_is_atomic_and_a_failed_one_only_warns(tmp_path):
+    data = [("What is 1 + 1?", "2"), ("Subtract 3 from 5.", "2")]
+    path = tmp_path / "math" / "x.jsonl"
+    mathdata._write_cache(path, data)
+    assert mathdata._read_cache(path, 2) == data
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.jsonl"]  # no temporary left
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    with pytest.warns(UserWarning, match="could not cache"):
+        mathdata._write_cache(tmp_path / "file" / "x.jsonl", data)
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "not a folder"

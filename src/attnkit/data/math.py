@@ -32,6 +32,7 @@ from pathlib import Path
 
 from attnkit.config import unknown
 from attnkit.errors import UserError
+from attnkit.rundir import write_text_atomic
 
 SPLITS = ("train", "interpolate", "extrapolate")
 DIFFICULTIES = ("easy", "medium", "hard", "mixed")
@@ -243,15 +244,9 @@ def _read_cache(path: Path, n: int) -> list[tuple[str, str]] | None:
 
 def _write_cache(path: Path, data: list[tuple[str, str]]) -> None:
     """Write JSONL atomically; a cache that cannot be written only warns."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as f:
-            for q, a in data:
-                f.write(json.dumps({"q": q, "a": a}) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in data))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not cache math problems at {path}: {err}", stacklevel=3)
 
 
