@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from attnkit.convert import bert as cb
-from attnkit.data.records import FinetuneData, encode_qa, read_records
+from attnkit.data.records import FinetuneData, encode, read_records
 from attnkit.errors import UserError
 from attnkit.evaluation import accuracy, macro_f1, normalize_answer, span_f1, squad_scores
 from attnkit.models.heads import (
@@ -205,7 +205,7 @@ def test_qa_encoding_maps_answers_to_token_spans():
     records = read_records(EXAMPLES / "qa.jsonl")[:40]
     tok = Tokenizer.train("wordpiece", [r["context"] + " " + r["question"] for r in records],
                           vocab_size=200)
-    for item, record in zip(encode_qa(tok, records, FinetuneData(), 64, "qa"), records,
+    for item, record in zip(encode("qa", tok, records, FinetuneData(), [], 64, "qa"), records,
                             strict=True):
         i, j = item.target
         off, base = item.extra["offsets"], item.extra["base"]
@@ -215,25 +215,24 @@ def test_qa_encoding_maps_answers_to_token_spans():
 
 
 def test_label_and_tag_encoding_and_unknown_labels():
-    from attnkit.data.records import encode_classify, encode_tokens
     from attnkit.losses import IGNORE
     from attnkit.tokenizers import Tokenizer
 
     tok = Tokenizer.train("wordpiece", ["the cat sat", "a dog ran"], vocab_size=60)
     names = FinetuneData()
     records = [{"text": "the cat", "label": "pos"}, {"text": "a dog", "label": "neg"}]
-    items = encode_classify(tok, records, names, ["neg", "pos"], 16, "train")
+    items = encode("classify", tok, records, names, ["neg", "pos"], 16, "train")
     assert [item.target for item in items] == [1, 0]
     with pytest.raises(UserError, match="valid record 2: label 'meh' does not occur"):
-        encode_classify(tok, [records[0], {"text": "a", "label": "meh"}], names,
-                        ["neg", "pos"], 16, "valid")
-    (item,) = encode_tokens(tok, [{"tokens": ["the", "cat"], "tags": ["O", "B"]}], names,
-                            ["B", "O"], 16, "train")
+        encode("classify", tok, [records[0], {"text": "a", "label": "meh"}], names,
+               ["neg", "pos"], 16, "valid")
+    (item,) = encode("tokens", tok, [{"tokens": ["the", "cat"], "tags": ["O", "B"]}], names,
+                     ["B", "O"], 16, "train")
     assert item.target[0] == item.target[-1] == IGNORE  # BOS, EOS
     assert [t for t in item.target if t != IGNORE] == [1, 0]  # first piece of each word
     with pytest.raises(UserError, match="test record 1: tag 'X' does not occur"):
-        encode_tokens(tok, [{"tokens": ["a", "dog"], "tags": ["O", "X"]}], names, ["B", "O"],
-                      16, "test")
+        encode("tokens", tok, [{"tokens": ["a", "dog"], "tags": ["O", "X"]}], names,
+               ["B", "O"], 16, "test")
 
 
 def test_records_and_config_errors(tmp_path):

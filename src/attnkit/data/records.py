@@ -118,62 +118,54 @@ def _indices(index: dict[str, int], values: list[str], at: str, what: str) -> li
     return [index[v] for v in values]
 
 
-def encode_classify(tok: Any, records: list[dict], names: FinetuneData, labels: list[str],
-                    max_len: int, where: str) -> list[Item]:
-    index = {name: i for i, name in enumerate(labels)}
-    out = []
-    for n, r in enumerate(records, 1):
-        at = f"{where} record {n}"
-        label, = _indices(index, [str(_field(r, names.label, at))], at, "label")
-        pair = r.get(names.text_pair) or None
-        ids, types = _single(tok, str(_field(r, names.text, at)),
-                             None if pair is None else str(pair), max_len)
-        out.append(Item(ids, types, label))
-    return out
+def _classify_item(tok: Any, r: dict, names: FinetuneData, index: dict[str, int],
+                   max_len: int, at: str) -> Item:
+    label, = _indices(index, [str(_field(r, names.label, at))], at, "label")
+    pair = r.get(names.text_pair) or None
+    ids, types = _single(tok, str(_field(r, names.text, at)),
+                         None if pair is None else str(pair), max_len)
+    return Item(ids, types, label)
 
 
-def encode_tokens(tok: Any, records: list[dict], names: FinetuneData, labels: list[str],
-                  max_len: int, where: str) -> list[Item]:
-    index = {name: i for i, name in enumerate(labels)}
-    out = []
-    for n, r in enumerate(records, 1):
-        at = f"{where} record {n}"
-        words = _words(_field(r, names.tokens, at))
-        tags = _words(_field(r, names.tags, at))
-        if len(words) != len(tags) or not words:
-            raise UserError(f"{at}: {len(words)} tokens but {len(tags)} tags")
-        tag_ids = _indices(index, tags, at, "tag")
-        enc = tok.backend.encode(words, is_pretokenized=True, add_special_tokens=False)
-        ids, word_ids = enc.ids[: max_len - 2], enc.word_ids[: max_len - 2]
-        target = [IGNORE] + [tag_ids[w] if w is not None and (j == 0 or word_ids[j - 1] != w)
-                             else IGNORE for j, w in enumerate(word_ids)] + [IGNORE]
-        out.append(Item([tok.bos_id, *ids, tok.eos_id], [0] * (len(ids) + 2), target))
-    return out
+def _tokens_item(tok: Any, r: dict, names: FinetuneData, index: dict[str, int],
+                 max_len: int, at: str) -> Item:
+    """Each word's tag on its first piece; the other pieces and the specials are not scored."""
+    words = _words(_field(r, names.tokens, at))
+    tags = _words(_field(r, names.tags, at))
+    if len(words) != len(tags) or not words:
+        raise UserError(f"{at}: {len(words)} tokens but {len(tags)} tags")
+    tag_ids = _indices(index, tags, at, "tag")
+    enc = tok.backend.encode(words, is_pretokenized=True, add_special_tokens=False)
+    ids, word_ids = enc.ids[: max_len - 2], enc.word_ids[: max_len - 2]
+    target = [IGNORE] + [tag_ids[w] if w is not None and (j == 0 or word_ids[j - 1] != w)
+                         else IGNORE for j, w in enumerate(word_ids)] + [IGNORE]
+    return Item([tok.bos_id, *ids, tok.eos_id], [0] * (len(ids) + 2), target)
 
 
-def encode_qa(tok: Any, records: list[dict], names: FinetuneData, max_len: int,
-              where: str) -> list[Item]:
-    out = []
-    for n, r in enumerate(records, 1):
-        at = f"{where} record {n}"
-        question = tok.encode(str(_field(r, names.question, at)))[: max(1, max_len // 4)]
-        context = str(_field(r, names.context, at))
-        answers = _answers(_field(r, names.answers, at), at)
-        c_ids, offsets = tok.encode_with_offsets(context)
-        room = max_len - len(question) - 3
-        c_ids, offsets = c_ids[:room], offsets[:room]
-        base = len(question) + 2
-        ids = [tok.bos_id, *question, tok.eos_id, *c_ids, tok.eos_id]
-        types = [0] * base + [1] * (len(c_ids) + 1)
-        text, start = answers[0]
-        first = [j for j, (a, b) in enumerate(offsets) if b > start]
-        last = [j for j, (a, b) in enumerate(offsets) if a < start + len(text)]
-        span = None
-        if first and last and first[0] <= last[-1] and offsets[-1][1] >= start + len(text):
-            span = (base + first[0], base + last[-1])
-        out.append(Item(ids, types, span, {"offsets": offsets, "base": base, "context": context,
-                                           "answers": [a for a, _ in answers]}))
-    return out
+def _qa_item(tok: Any, r: dict, names: FinetuneData, index: dict[str, int], max_len: int,
+             at: str) -> Item:
+    """Question then context; the target is the first answer's token span (None when the
+    context is cut before it ends)."""
+    question = tok.encode(str(_field(r, names.question, at)))[: max(1, max_len // 4)]
+    context = str(_field(r, names.context, at))
+    answers = _answers(_field(r, names.answers, at), at)
+    c_ids, offsets = tok.encode_with_offsets(context)
+    room = max_len - len(question) - 3
+    c_ids, offsets = c_ids[:room], offsets[:room]
+    base = len(question) + 2
+    ids = [tok.bos_id, *question, tok.eos_id, *c_ids, tok.eos_id]
+    types = [0] * base + [1] * (len(c_ids) + 1)
+    text, start = answers[0]
+    first = [j for j, (a, b) in enumerate(offsets) if b > start]
+    last = [j for j, (a, b) in enumerate(offsets) if a < start + len(text)]
+    span = None
+    if first and last and first[0] <= last[-1] and offsets[-1][1] >= start + len(text):
+        span = (base + first[0], base + last[-1])
+    return Item(ids, types, span, {"offsets": offsets, "base": base, "context": context,
+                                   "answers": [a for a, _ in answers]})
+
+
+_ENCODERS = {"classify": _classify_item, "tokens": _tokens_item, "qa": _qa_item}
 
 
 def label_names(task: str, records: list[dict], names: FinetuneData) -> list[str]:
@@ -188,12 +180,11 @@ def label_names(task: str, records: list[dict], names: FinetuneData) -> list[str
 
 def encode(task: str, tok: Any, records: list[dict], names: FinetuneData, labels: list[str],
            max_len: int, where: str) -> list[Item]:
-    """The task's items of ``records`` (``tok`` is a Tokenizer)."""
-    if task == "classify":
-        return encode_classify(tok, records, names, labels, max_len, where)
-    if task == "tokens":
-        return encode_tokens(tok, records, names, labels, max_len, where)
-    return encode_qa(tok, records, names, max_len, where)
+    """The task's items of ``records`` (``tok`` is a Tokenizer; ``labels`` the label or tag
+    set, unused for qa); errors name ``where`` and the record's number."""
+    index = {name: i for i, name in enumerate(labels)}
+    return [_ENCODERS[task](tok, r, names, index, max_len, f"{where} record {n}")
+            for n, r in enumerate(records, 1)]
 
 
 @dataclass
