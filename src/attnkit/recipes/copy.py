@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from attnkit.data.synthetic import synthetic_pairs
 from attnkit.errors import ConfigError
@@ -11,8 +10,7 @@ from attnkit.recipes.seq2seq import (
     DecodeConfig,
     Seq2SeqConfig,
     Task,
-    final_report,
-    train_and_report,
+    entry_points,
 )
 from attnkit.tokenizers import TokenizerConfig
 from attnkit.train.loop import TrainConfig
@@ -47,13 +45,7 @@ def task(d: CopyData) -> Task:
                 "exact_match")
 
 
-def main(cfg: CopyConfig, recipe: str = "copy") -> dict:
-    data = task(cfg.data)
-    return train_and_report(recipe, cfg, data)
-
-
-def evaluate(run_dir: Path, cfg: CopyConfig) -> dict:
-    return final_report(run_dir, cfg, task(cfg.data))
+main, evaluate = entry_points("copy", task)
 
 
 def defaults() -> CopyConfig:

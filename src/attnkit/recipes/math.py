@@ -14,8 +14,7 @@ from attnkit.recipes.seq2seq import (
     DecodeConfig,
     Seq2SeqConfig,
     Task,
-    final_report,
-    train_and_report,
+    entry_points,
 )
 from attnkit.tokenizers import TokenizerConfig
 from attnkit.train.loop import TrainConfig
@@ -64,13 +63,7 @@ def task(data: MathData) -> Task:
     return Task(train_pairs, evals, "exact_match")
 
 
-def main(cfg: MathConfig, recipe: str = "math") -> dict:
-    data = task(cfg.data)
-    return train_and_report(recipe, cfg, data)
-
-
-def evaluate(run_dir: Path, cfg: MathConfig) -> dict:
-    return final_report(run_dir, cfg, task(cfg.data))
+main, evaluate = entry_points("math", task)
 
 
 def defaults() -> MathConfig:

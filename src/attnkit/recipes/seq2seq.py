@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -207,6 +207,18 @@ def train_and_report(recipe: str, cfg: Seq2SeqConfig, task: Task) -> dict:
     """What a recipe's main does: train, then decode the test sets (on rank 0)."""
     run_dir = train(recipe, cfg, task)
     return final_report(run_dir, cfg, task) if dist.is_main() else {}
+
+
+def entry_points(name: str, task: Callable[[Any], Task]
+                 ) -> tuple[Callable[..., dict], Callable[[Path, Any], dict]]:
+    """A seq2seq recipe's ``main(cfg, recipe)`` and ``evaluate(run_dir, cfg)``, given how it
+    builds its :class:`Task` from ``cfg.data``."""
+    def main(cfg: Seq2SeqConfig, recipe: str = name) -> dict:
+        return train_and_report(recipe, cfg, task(cfg.data))
+
+    def evaluate(run_dir: Path, cfg: Seq2SeqConfig) -> dict:
+        return final_report(run_dir, cfg, task(cfg.data))
+    return main, evaluate
 
 
 def final_report(run_dir: Path, cfg: Seq2SeqConfig, task: Task, samples: int = 5) -> dict:

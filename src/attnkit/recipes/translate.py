@@ -16,8 +16,7 @@ from attnkit.recipes.seq2seq import (
     DecodeConfig,
     Seq2SeqConfig,
     Task,
-    final_report,
-    train_and_report,
+    entry_points,
 )
 from attnkit.tokenizers import TokenizerConfig
 from attnkit.train.loop import TrainConfig
@@ -74,13 +73,7 @@ def task(data: TranslateData) -> Task:
     return Task(read(*files["train"]), {"val": read(*files["val"])}, "bleu")
 
 
-def main(cfg: TranslateConfig, recipe: str = "translate") -> dict:
-    data = task(cfg.data)
-    return train_and_report(recipe, cfg, data)
-
-
-def evaluate(run_dir: Path, cfg: TranslateConfig) -> dict:
-    return final_report(run_dir, cfg, task(cfg.data))
+main, evaluate = entry_points("translate", task)
 
 
 def defaults() -> TranslateConfig:
