@@ -89,7 +89,7 @@ def steps(ours, hf, ids, mask, train: bool) -> dict[str, Callable[[], None]]:
     def run(model, attnkit: bool) -> None:
         if train:
             out = model(ids, attention_mask=mask)
-            hidden = out.last_hidden if attnkit else out.last_hidden_state
+            hidden = out.last_hidden_state if attnkit else out.last_hidden_state
             hidden.square().mean().backward()
             model.zero_grad(set_to_none=True)
             return

@@ -96,8 +96,8 @@ def test_trimming_shrinks_the_keys_and_the_flops():
     saved = 1 - attention_flops(8, keys, 16) / attention_flops(8, [48] * 3, 16)
     assert saved == pytest.approx(1 - sum(keys) / 144)
     out = model(torch.zeros(2, 8, dtype=torch.long))
-    out = model(torch.zeros(2, 8, dtype=torch.long), out.mems, need_weights=True)
-    assert [w.size(-1) for w in out.weights] == [8 + 3, 16, 16]  # memory holds 8 so far
+    out = model(torch.zeros(2, 8, dtype=torch.long), out.mems, output_attentions=True)
+    assert [w.size(-1) for w in out.attentions] == [8 + 3, 16, 16]  # memory holds 8 so far
 
 
 def test_spans_are_clamped_and_penalised():

@@ -115,11 +115,12 @@ def test_fused_path_matches_transformers_sdpa(family, arch):
             ref = hf(ids, attention_mask=m, **kw)
             out = ours(ids, attention_mask=m, **kw)
             real = torch.ones_like(ids, dtype=torch.bool) if m is None else m.bool()
-            torch.testing.assert_close(out.last_hidden[real], ref.last_hidden_state[real],
+            torch.testing.assert_close(out.last_hidden_state[real], ref.last_hidden_state[real],
                                        atol=TOL, rtol=0)
-            assert not out.last_hidden[~real].any()  # packed path: padding positions are zero
+            assert not out.last_hidden_state[~real].any()  # packed path: padding is zero
             if family != "distilbert":
-                torch.testing.assert_close(out.pooled, ref.pooler_output, atol=TOL, rtol=0)
+                torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=TOL,
+                                           rtol=0)
 
 
 def test_gradients_match_transformers():
@@ -273,9 +274,11 @@ def test_fast_path_equals_the_encoder_blocks():
         ref = model(ids, attention_mask=mask, output_hidden_states=True)  # the blocks' forward
         fast = model(ids, attention_mask=mask)
         full = model(ids)
-    torch.testing.assert_close(fast.last_hidden[real], ref.last_hidden[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(fast.pooled, ref.pooled, atol=1e-5, rtol=0)
-    torch.testing.assert_close(full.last_hidden, model(ids, output_hidden_states=True).last_hidden,
+    torch.testing.assert_close(fast.last_hidden_state[real], ref.last_hidden_state[real],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.last_hidden_state,
+                               model(ids, output_hidden_states=True).last_hidden_state,
                                atol=1e-5, rtol=0)
 
 

@@ -52,14 +52,14 @@ def test_every_layer_matches_transformers(minilm, reference):
     with torch.no_grad():
         ref = reference(ids, attention_mask=mask, output_hidden_states=True,
                         output_attentions=True)
-        out = minilm.model(ids, attention_mask=mask, need_weights=True,
+        out = minilm.model(ids, attention_mask=mask, output_attentions=True,
                            output_hidden_states=True)
-        fused = minilm.model(ids, attention_mask=mask).last_hidden
+        fused = minilm.model(ids, attention_mask=mask).last_hidden_state
     for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for a, b in zip(out.attentions, ref.attentions, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
     real = mask.bool()  # the packed fast path leaves padding positions at zero
     torch.testing.assert_close(fused[real], ref.last_hidden_state[real], atol=1e-5, rtol=0)
     assert not fused[~real].any()

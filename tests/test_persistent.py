@@ -61,7 +61,7 @@ def test_all_attention_layers_have_no_feed_forward_and_train():
     assert not any("ffn" in n for n in names)
     assert sum("persistent.key" in n for n in names) == 2
     out = model(torch.randint(0, 9, (2, 5)))
-    first = model(torch.randint(0, 9, (1, 1)), need_weights=True).weights[0]
+    first = model(torch.randint(0, 9, (1, 1)), output_attentions=True).attentions[0]
     assert first.shape[-1] == 1 + 6  # the first query sees itself and the persistent vectors
     out.logits.sum().backward()
     assert model.layers[0].attn.persistent.key.grad.abs().sum() > 0

@@ -116,14 +116,14 @@ def tiny(**kw) -> TransformerXL:
     return TransformerXL(TransformerXLConfig(**{**base, **kw})).double().eval()
 
 
-def run_segments(model, tokens, seg, mem_len=None, need_weights=False):
+def run_segments(model, tokens, seg, mem_len=None, output_attentions=False):
     mems, logits, weights = None, [], []
     for start in range(0, tokens.size(1), seg):
         out = model(tokens[:, start: start + seg], mems, mem_len=mem_len,
-                    need_weights=need_weights)
+                    output_attentions=output_attentions)
         mems = out.mems
         logits.append(out.logits)
-        weights.append(out.weights)
+        weights.append(out.attentions)
     return torch.cat(logits, dim=1), weights, mems
 
 
@@ -145,7 +145,7 @@ def test_finite_memory_gives_exactly_the_promised_window():
     torch.manual_seed(4)
     model = tiny(n_layers=1, mem_len=3)
     tokens = torch.randint(0, 11, (1, 16))
-    seg_logits, weights, _ = run_segments(model, tokens, 4, need_weights=True)
+    seg_logits, weights, _ = run_segments(model, tokens, 4, output_attentions=True)
     for k, start in enumerate(range(0, 16, 4)):
         lo = max(0, start - 3)
         ref = model(tokens[:, lo: start + 4], mem_len=0).logits[:, start - lo:]
@@ -188,7 +188,7 @@ def test_same_length_gives_every_query_mem_len_keys():
     torch.manual_seed(5)
     model = tiny(n_layers=1, mem_len=6, same_length=True)
     tokens = torch.randint(0, 11, (1, 12))
-    _, weights, _ = run_segments(model, tokens, 4, need_weights=True)
+    _, weights, _ = run_segments(model, tokens, 4, output_attentions=True)
     seen = (weights[-1][0] > 0).sum(-1)  # (B, H, T) once the memory is full
     assert seen.eq(6).all()
 

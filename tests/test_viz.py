@@ -185,9 +185,9 @@ def test_capture_weights_are_the_models(tok: Tokenizer) -> None:
     model = tiny_model(tok.vocab_size)
     src, tgt = tok.encode("lazy dog"), [1, *tok.encode("fox")]
     cap = viz.capture_ids(model, tok, src, tgt)
-    out = model(torch.tensor([src]), torch.tensor([tgt]), need_weights=True)
-    for name, ws in (("encoder", out.encoder_weights), ("decoder", out.decoder_weights),
-                     ("cross", out.cross_weights)):
+    out = model(torch.tensor([src]), torch.tensor([tgt]), output_attentions=True)
+    for name, ws in (("encoder", out.encoder_attentions), ("decoder", out.decoder_attentions),
+                     ("cross", out.cross_attentions)):
         for layer, w in enumerate(ws):
             torch.testing.assert_close(cap.group(name).weights[layer], w[0])
 

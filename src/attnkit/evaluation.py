@@ -148,9 +148,9 @@ class NLLScore:
 def mlm_scores(model: nn.Module, batches: Sequence[Any]) -> dict[str, float]:
     """Held-out masked-LM loss (nats per masked token), perplexity and accuracy over the masked
     tokens, and next-sentence accuracy when the model and batches have NSP. ``batches`` are
-    :class:`attnkit.data.mlm.MLMBatch`; ``model(ids,
-    attention_mask=, token_type_ids=, mlm_mask=)`` gives ``.mlm_logits`` at the masked
-    positions and ``.nsp_logits`` (BERT's pre-training heads)."""
+    :class:`attnkit.data.mlm.MLMBatch`; ``model(input_ids, attention_mask=, token_type_ids=,
+    mlm_mask=)`` gives ``.logits`` at the masked positions and ``.seq_relationship_logits``
+    (BERT's pre-training heads)."""
     device = next(model.parameters()).device
     nll, right, n, nsp_right, nsp_n = 0.0, 0, 0, 0, 0
     for batch in eval_loop(batches, device):
@@ -158,11 +158,11 @@ def mlm_scores(model: nn.Module, batches: Sequence[Any]) -> dict[str, float]:
         out = model(batch.ids, attention_mask=batch.attention_mask,
                     token_type_ids=batch.token_types, mlm_mask=selected)
         labels = batch.labels[selected]
-        loss, count = token_nll(out.mlm_logits, labels)
+        loss, count = token_nll(out.logits, labels)
         nll, n = nll + float(loss.double()), n + count
-        right += int((out.mlm_logits.argmax(-1) == labels).sum())
-        if out.nsp_logits is not None and batch.nsp is not None:
-            nsp_right += int((out.nsp_logits.argmax(-1) == batch.nsp).sum())
+        right += int((out.logits.argmax(-1) == labels).sum())
+        if out.seq_relationship_logits is not None and batch.nsp is not None:
+            nsp_right += int((out.seq_relationship_logits.argmax(-1) == batch.nsp).sum())
             nsp_n += len(batch.nsp)
     scores = {"val_mlm_loss": nll / max(1, n), "val_mlm_ppl": perplexity(nll, n),
               "val_mlm_acc": right / max(1, n), "val_masked": float(n)}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from attnkit.config import unknown
 from attnkit.errors import ConfigError, UserError
 from attnkit.losses import mean_token_nll
-from attnkit.models.outputs import per_layer
+from attnkit.models.outputs import EncoderPassThrough, per_layer
 from attnkit.nn.attention.multihead import MultiHeadAttention, Packing
 from attnkit.nn.blocks import EncoderBlock
 from attnkit.nn.ffn import ACTIVATIONS, FeedForward
@@ -121,14 +121,6 @@ class BertOutput:
         self.hidden_states = per_layer(self.hidden_states)
         self.attentions = per_layer(self.attentions)
 
-    @property
-    def last_hidden(self) -> Tensor:  # alias: remove after merge
-        return self.last_hidden_state
-
-    @property
-    def pooled(self) -> Tensor | None:  # alias: remove after merge
-        return self.pooler_output
-
 
 def roberta_position_ids(ids: Tensor, pad_id: int) -> Tensor:
     """(B, S) positions pad_id + 1, pad_id + 2, ... over real tokens; pad_id on padding."""
@@ -193,47 +185,37 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, *, output_attentions: bool = False,
-                output_hidden_states: bool = False,
-                ids: Tensor | None = None,  # alias: remove after merge
-                need_weights: bool | None = None,  # alias: remove after merge
-                ) -> BertOutput:
+                output_hidden_states: bool = False) -> BertOutput:
         """Encode ``input_ids`` (B, S); ``attention_mask`` (B, S) is 1 for real tokens, 0 for
         padding; ``token_type_ids`` (B, S) the segments (BERT only).
 
         As in ``transformers``, padding is not inferred from ``pad_id``: pass the mask.
         Asked for weights or hidden states, every position is computed by the encoder blocks,
-        as ``transformers`` does. Otherwise the blocks run on packed tokens (the fast path,
-        :meth:`_forward_fast`), so a padded batch's padding positions come out as zeros.
+        as ``transformers`` does. Otherwise the blocks run on packed tokens (the fast path:
+        all B * S, or the N real ones of a padded batch, as one (N, C) matrix, see
+        :class:`Packing`), so a padded batch's padding positions come out as zeros.
         """
-        ids = ids if input_ids is None else input_ids  # alias: remove after merge
-        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
-        if ids is None:
+        if input_ids is None:
             raise UserError("the encoder needs input_ids")
         mask = key_padding_mask(attention_mask)
-        if not (need_weights or output_hidden_states):
-            return self._forward_fast(ids, attention_mask, token_type_ids, mask)
-        x = self.embed(ids, token_type_ids)
-        states, weights = [x], []
+        x = self.embed(input_ids, token_type_ids)
+        packing = None
+        if not (output_attentions or output_hidden_states):
+            packing = Packing.of(mask, *input_ids.shape)
+            x, mask = packing.pack(x), None  # (N, C); the packing masks the keys
+        states = [x] if output_hidden_states else None
+        weights = [] if output_attentions else None
         for layer in self.layers:
-            out = layer(x, mask=mask, need_weights=need_weights)
+            out = layer(x, mask=mask, need_weights=output_attentions, packing=packing)
             x = out.hidden
-            states.append(x)
-            weights.append(out.self_weights)
+            if states is not None:
+                states.append(x)
+            if weights is not None:
+                weights.append(out.self_weights)
+        if packing is not None:
+            x = packing.unpack(x)  # (B, S, C)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return BertOutput(x, pooled, states if output_hidden_states else None,
-                          weights if need_weights else None)
-
-    def _forward_fast(self, ids: Tensor, attention_mask: Tensor | None,
-                      token_type_ids: Tensor | None, mask: Tensor | None) -> BertOutput:
-        """The encoder blocks on packed tokens (:class:`Packing`): all B * S, or the N real
-        ones of a padded batch, as one (N, C) matrix; padding comes out as zeros."""
-        packing = Packing.of(mask, *ids.shape)
-        x = packing.pack(self.embed(ids, token_type_ids))  # (N, C)
-        for layer in self.layers:
-            x = layer(x, packing=packing).hidden
-        x = packing.unpack(x)  # (B, S, C)
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return BertOutput(x, pooled)
+        return BertOutput(x, pooled, states, weights)
 
 
 def init_bert_(module: nn.Module, std: float) -> None:
@@ -272,7 +254,7 @@ class MLMHead(nn.Module):
 
 
 @dataclass
-class PreTrainingOutput:
+class PreTrainingOutput(EncoderPassThrough):
     """Named as ``transformers``' ``MaskedLMOutput`` (+ ``seq_relationship_logits`` of
     ``BertForPreTrainingOutput``); the encoder's own output stays in ``encoder``."""
 
@@ -280,22 +262,6 @@ class PreTrainingOutput:
     seq_relationship_logits: Tensor | None   # (B, 2): 0 = "B follows A", 1 = "B is random"
     encoder: BertOutput
     loss: Tensor | None = None               # () MLM (+ NSP) cross-entropy, given labels
-
-    @property
-    def hidden_states(self) -> tuple[Tensor, ...] | None:
-        return self.encoder.hidden_states
-
-    @property
-    def attentions(self) -> tuple[Tensor, ...] | None:
-        return self.encoder.attentions
-
-    @property
-    def mlm_logits(self) -> Tensor:  # alias: remove after merge
-        return self.logits
-
-    @property
-    def nsp_logits(self) -> Tensor | None:  # alias: remove after merge
-        return self.seq_relationship_logits
 
 
 class BertForPreTraining(nn.Module):
@@ -331,9 +297,7 @@ class BertForPreTraining(nn.Module):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, *, labels: Tensor | None = None,
                 next_sentence_label: Tensor | None = None, mlm_mask: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                ids: Tensor | None = None,  # alias: remove after merge
-                need_weights: bool | None = None,  # alias: remove after merge
+                output_attentions: bool = False, output_hidden_states: bool = False
                 ) -> PreTrainingOutput:
         """MLM logits for every position, or only where ``mlm_mask`` (B, S) is True.
 
@@ -341,8 +305,6 @@ class BertForPreTraining(nn.Module):
         give ``loss``, the mean MLM cross-entropy, plus NSP's given ``next_sentence_label``
         (B,), as ``transformers``' ``BertForPreTraining`` / ``BertForMaskedLM``.
         """
-        input_ids = ids if input_ids is None else input_ids  # alias: remove after merge
-        output_attentions = output_attentions or bool(need_weights)  # alias: remove after merge
         enc = self.bert(input_ids, attention_mask, token_type_ids,
                         output_attentions=output_attentions,
                         output_hidden_states=output_hidden_states)

@@ -271,9 +271,7 @@ class GPT2(nn.Module):
                 labels: Tensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool = False, output_hidden_states: bool = False,
                 last_only: bool = False,
-                ids: Tensor | None = None,  # alias: remove after merge
                 cache: list[KVCache] | None = None,  # transformers >= 5.24's name: kept
-                need_weights: bool | None = None,  # alias: remove after merge
                 ) -> LMOutput:
         """Logits (B, T, V) for ``input_ids`` (B, T) after the ``past_key_values``' positions.
 
@@ -286,9 +284,7 @@ class GPT2(nn.Module):
         ``cache`` is the same argument under the name ``transformers`` 5.24 gives it (where
         ``past_key_values`` is deprecated); the output carries both names too.
         """
-        input_ids = ids if input_ids is None else input_ids  # alias: remove after merge
         past_key_values = cache if past_key_values is None else past_key_values
-        output_attentions = output_attentions or bool(need_weights)  # alias: remove after merge
         if input_ids is None:
             raise UserError("GPT2.forward needs input_ids")
         if past_key_values is None and use_cache:

@@ -27,25 +27,18 @@ from attnkit.config import unknown
 from attnkit.errors import UserError
 from attnkit.losses import mean_token_nll, sequence_classification_loss, span_loss
 from attnkit.models.bert import BertOutput
+from attnkit.models.outputs import EncoderPassThrough
 
 POOLINGS = ("pooler", "cls", "mean")
 
 
 @dataclass
-class HeadOutput:
+class HeadOutput(EncoderPassThrough):
     """Logits of a head and what the encoder returned."""
 
     logits: Tensor            # (B, K) sequence, (B, S, K) token, (B, S, 2) span
     encoder: BertOutput
     loss: Tensor | None = None  # given labels (span heads: start and end positions)
-
-    @property
-    def hidden_states(self) -> tuple[Tensor, ...] | None:
-        return self.encoder.hidden_states
-
-    @property
-    def attentions(self) -> tuple[Tensor, ...] | None:
-        return self.encoder.attentions
 
     @property
     def start_logits(self) -> Tensor:
@@ -73,60 +66,17 @@ class _Head(nn.Module):
         self.arch = encoder.arch
         self.cfg = encoder.cfg
 
-    def encode(self, ids: Tensor | None, attention_mask: Tensor | None,
+    def encode(self, input_ids: Tensor | None, attention_mask: Tensor | None,
                token_type_ids: Tensor | None, **outputs: bool) -> BertOutput:
         """The encoder's output; ``outputs``: ``output_attentions``, ``output_hidden_states``."""
         if token_type_ids is not None and getattr(self.bert, "token_types", None) is None:
             token_type_ids = None  # DistilBERT: no segments
-        return self.bert(ids, attention_mask, token_type_ids, **outputs)
+        return self.bert(input_ids, attention_mask, token_type_ids, **outputs)
 
 
-class SequenceClassifier(_Head):
-    """Sequence classification: summary -> dropout -> ``classifier`` (C -> K)."""
-
-    def __init__(self, encoder: nn.Module, n_labels: int,
-                 pooling: Literal["pooler", "cls", "mean"] = "pooler",
-                 dropout: float | None = None) -> None:
-        super().__init__(encoder)
-        if pooling not in POOLINGS:
-            raise unknown("pooling", pooling, POOLINGS)
-        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
-            raise UserError("this encoder has no pooler (DistilBERT): use pooling 'cls' or "
-                            "'mean'")
-        if n_labels < 1:
-            raise UserError(f"a classifier needs at least one label, got {n_labels}")
-        self.pooling = pooling
-        self.dropout = nn.Dropout(self.arch.dropout if dropout is None else dropout)
-        self.classifier = _init_linear(nn.Linear(self.arch.d_model, n_labels),
-                                       self.arch.init_std)
-
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, *, labels: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                ids: Tensor | None = None,  # alias: remove after merge
-                ) -> HeadOutput:
-        """input_ids (B, S) -> logits (B, K); ``labels`` (B,) class ids, (B,) floats for one
-        output (regression) or (B, K) floats (multi-label) give ``loss``
-        (:func:`~attnkit.losses.sequence_classification_loss`)."""
-        ids = ids if input_ids is None else input_ids  # alias: remove after merge
-        enc = self.encode(ids, attention_mask, token_type_ids,
-                          output_attentions=output_attentions,
-                          output_hidden_states=output_hidden_states)
-        if self.pooling == "pooler":
-            summary = enc.pooler_output
-        elif self.pooling == "cls":
-            summary = enc.last_hidden_state[:, 0]
-        else:
-            w = (torch.ones_like(ids) if attention_mask is None else attention_mask)[..., None]
-            w = w.to(enc.last_hidden_state.dtype)
-            summary = (enc.last_hidden_state * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, C)
-        logits = self.classifier(self.dropout(summary))
-        loss = None if labels is None else sequence_classification_loss(logits, labels)
-        return HeadOutput(logits, enc, loss)
-
-
-class TokenClassifier(_Head):
-    """Token classification: dropout -> ``classifier`` (C -> K) at every position."""
+class _Classifier(_Head):
+    """dropout -> ``classifier`` (C -> K) on the encoder features a subclass picks
+    (:meth:`features`), and its loss given ``labels`` (:meth:`label_loss`)."""
 
     def __init__(self, encoder: nn.Module, n_labels: int, dropout: float | None = None) -> None:
         super().__init__(encoder)
@@ -136,18 +86,68 @@ class TokenClassifier(_Head):
         self.classifier = _init_linear(nn.Linear(self.arch.d_model, n_labels),
                                        self.arch.init_std)
 
+    def features(self, enc: BertOutput, input_ids: Tensor, attention_mask: Tensor | None
+                 ) -> Tensor:
+        raise NotImplementedError
+
+    def label_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, *, labels: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                ids: Tensor | None = None,  # alias: remove after merge
+                output_attentions: bool = False, output_hidden_states: bool = False
                 ) -> HeadOutput:
-        """input_ids (B, S) -> logits (B, S, K); ``labels`` (B, S), -100 where not scored."""
-        ids = ids if input_ids is None else input_ids  # alias: remove after merge
-        enc = self.encode(ids, attention_mask, token_type_ids,
+        """input_ids (B, S) -> logits; ``labels`` give ``loss`` (shapes: the subclass)."""
+        enc = self.encode(input_ids, attention_mask, token_type_ids,
                           output_attentions=output_attentions,
                           output_hidden_states=output_hidden_states)
-        logits = self.classifier(self.dropout(enc.last_hidden_state))
-        return HeadOutput(logits, enc, None if labels is None else mean_token_nll(logits, labels))
+        logits = self.classifier(self.dropout(self.features(enc, input_ids, attention_mask)))
+        return HeadOutput(logits, enc, None if labels is None else self.label_loss(logits, labels))
+
+
+class SequenceClassifier(_Classifier):
+    """Sequence classification: summary -> dropout -> ``classifier`` (C -> K): logits (B, K).
+
+    ``labels`` (B,) class ids, (B,) floats for one output (regression) or (B, K) floats
+    (multi-label) give ``loss`` (:func:`~attnkit.losses.sequence_classification_loss`).
+    """
+
+    def __init__(self, encoder: nn.Module, n_labels: int,
+                 pooling: Literal["pooler", "cls", "mean"] = "pooler",
+                 dropout: float | None = None) -> None:
+        if pooling not in POOLINGS:
+            raise unknown("pooling", pooling, POOLINGS)
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+            raise UserError("this encoder has no pooler (DistilBERT): use pooling 'cls' or "
+                            "'mean'")
+        super().__init__(encoder, n_labels, dropout)
+        self.pooling = pooling
+
+    def features(self, enc: BertOutput, input_ids: Tensor, attention_mask: Tensor | None
+                 ) -> Tensor:
+        """The (B, C) summary: the pooler's, the first hidden state or the real tokens' mean."""
+        if self.pooling == "pooler":
+            return enc.pooler_output
+        if self.pooling == "cls":
+            return enc.last_hidden_state[:, 0]
+        w = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        w = w[..., None].to(enc.last_hidden_state.dtype)
+        return (enc.last_hidden_state * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def label_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return sequence_classification_loss(logits, labels)
+
+
+class TokenClassifier(_Classifier):
+    """Token classification: dropout -> ``classifier`` (C -> K) at every position: logits
+    (B, S, K); ``labels`` (B, S), -100 where not scored, give ``loss``."""
+
+    def features(self, enc: BertOutput, input_ids: Tensor, attention_mask: Tensor | None
+                 ) -> Tensor:
+        return enc.last_hidden_state
+
+    def label_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return mean_token_nll(logits, labels)
 
 
 class SpanExtractor(_Head):
@@ -160,13 +160,11 @@ class SpanExtractor(_Head):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, *, start_positions: Tensor | None = None,
                 end_positions: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                ids: Tensor | None = None,  # alias: remove after merge
+                output_attentions: bool = False, output_hidden_states: bool = False
                 ) -> HeadOutput:
         """input_ids (B, S) -> logits (B, S, 2): ``.start_logits``, ``.end_logits`` (B, S);
         ``start_positions`` and ``end_positions`` (B,) give ``loss`` (:func:`span_loss`)."""
-        ids = ids if input_ids is None else input_ids  # alias: remove after merge
-        enc = self.encode(ids, attention_mask, token_type_ids,
+        enc = self.encode(input_ids, attention_mask, token_type_ids,
                           output_attentions=output_attentions,
                           output_hidden_states=output_hidden_states)
         out = HeadOutput(self.qa_outputs(enc.last_hidden_state), enc)

@@ -210,12 +210,9 @@ class NTM(nn.Module):
         logits = self.out(torch.cat([h, reads.reshape(b, -1)], -1))
         return logits, NTMState(memory, reads, read_w, write_w, h, c)
 
-    def forward(self, x: Tensor, output_attentions: bool = False, *,
-                need_weights: bool | None = None,  # alias: remove after merge
-                ) -> NTMOutput:
+    def forward(self, x: Tensor, output_attentions: bool = False) -> NTMOutput:
         """Run over x (B, T, input_size) from the initial state; ``output_attentions`` (the
         ``transformers`` name) adds the heads' weightings."""
-        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
         if x.dim() != 3 or x.size(-1) != self.cfg.input_size:
             raise UserError(f"NTM inputs must be (batch, steps, {self.cfg.input_size}), got "
                             f"{tuple(x.shape)}")
@@ -224,10 +221,10 @@ class NTM(nn.Module):
         for t in range(x.size(1)):
             out, state = self.step(x[:, t], state)
             logits.append(out)
-            if need_weights:
+            if output_attentions:
                 reads.append(state.read_w)
                 writes.append(state.write_w)
-        if not need_weights:
+        if not output_attentions:
             return NTMOutput(torch.stack(logits, 1))
         return NTMOutput(torch.stack(logits, 1), torch.stack(reads, 1), torch.stack(writes, 1))
 

@@ -339,43 +339,36 @@ class RNNSeq2Seq(nn.Module):
         return h
 
     def forward(self, input_ids: Tensor | None = None, decoder_input_ids: Tensor | None = None,
-                *, labels: Tensor | None = None, output_attentions: bool = False,
-                src: Tensor | None = None,  # alias: remove after merge
-                tgt_in: Tensor | None = None,  # alias: remove after merge
-                need_weights: bool | None = None,  # alias: remove after merge
+                *, labels: Tensor | None = None, output_attentions: bool = False
                 ) -> Seq2SeqOutput:
         """Teacher-forced logits (B, T, V) for source ``input_ids`` (B, S) (padding =
         ``pad_id``) and target inputs ``decoder_input_ids`` (B, T) (BOS y1 .. y_{n});
         ``labels`` (B, T), -100 where not scored, give ``loss`` (mean cross-entropy);
         ``output_attentions`` gives the alignment as ``cross_attentions`` (one layer, one head).
         """
-        src = src if input_ids is None else input_ids  # alias: remove after merge
-        if decoder_input_ids is not None:  # alias: remove after merge
-            tgt_in = decoder_input_ids
-        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
-        if src is None or tgt_in is None:
+        if input_ids is None or decoder_input_ids is None:
             raise UserError("the RNN needs input_ids and decoder_input_ids")
-        st = self.encode(src)
-        y = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        st = self.encode(input_ids)
+        y = self.dropout(self.tgt_embed(decoder_input_ids))  # (B, T, E)
         weights = None
         if self._fused:
             h, _ = self.decoder(y, st.hidden)  # (B, T, H)
             ctx = None
             if self.cfg.attention == "luong":
-                ctx, weights = self._attend(h, st, need_weights)
+                ctx, weights = self._attend(h, st, output_attentions)
             feats = self._features(h, y, ctx)
         else:
             steps, feeds = [], []
             for t in range(y.size(1)):
-                steps.append(self._recur(y[:, t], st, need_weights))
+                steps.append(self._recur(y[:, t], st, output_attentions))
                 feeds.append(st.feed)
             h, ctx = (torch.stack([s[i] for s in steps], 1) for i in (0, 1))
             feats = torch.stack(feeds, 1) if st.feed is not None else self._features(h, y, ctx)
-            if need_weights:
+            if output_attentions:
                 weights = torch.stack([s[2] for s in steps], 1)  # (B, T, S)
         logits = self.out_proj(self.dropout(feats))
         loss = None if labels is None else mean_token_nll(logits, labels)
-        if not need_weights or weights is None:
+        if not output_attentions or weights is None:
             return Seq2SeqOutput(logits, loss=loss)
         return Seq2SeqOutput(logits, cross_attentions=[weights[:, None]], loss=loss)  # (B,1,T,S)
 

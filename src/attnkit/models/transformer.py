@@ -118,18 +118,6 @@ class Seq2SeqOutput:
                      "encoder_hidden_states", "decoder_hidden_states"):
             setattr(self, name, per_layer(getattr(self, name)))
 
-    @property
-    def encoder_weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
-        return self.encoder_attentions
-
-    @property
-    def decoder_weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
-        return self.decoder_attentions
-
-    @property
-    def cross_weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
-        return self.cross_attentions
-
 
 @dataclass
 class DecodeState:
@@ -234,10 +222,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 *, attention_mask: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                src: Tensor | None = None,  # alias: remove after merge
-                tgt_in: Tensor | None = None,  # alias: remove after merge
-                need_weights: bool | None = None,  # alias: remove after merge
+                output_attentions: bool = False, output_hidden_states: bool = False
                 ) -> Seq2SeqOutput:
         """Teacher-forced logits (B, T, V) for source ``input_ids`` (B, S) and target inputs
         ``decoder_input_ids`` (B, T) (BOS y1 .. y_{n}).
@@ -247,10 +232,6 @@ class Transformer(nn.Module):
         every target); ``labels`` (B, T) (y1 .. y_{n+1}, -100 where not scored) give ``loss``,
         the mean cross-entropy. Positionally ``model(input_ids, decoder_input_ids)``.
         """
-        input_ids = src if input_ids is None else input_ids  # alias: remove after merge
-        if decoder_input_ids is None:  # alias: remove after merge
-            decoder_input_ids = tgt_in
-        output_attentions = output_attentions or bool(need_weights)  # alias: remove after merge
         if input_ids is None or decoder_input_ids is None:
             raise UserError("the Transformer needs input_ids and decoder_input_ids (BOS + "
                             "the target shifted right)")

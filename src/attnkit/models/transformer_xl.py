@@ -153,10 +153,6 @@ class XLOutput:
         self.attentions = per_layer(self.attentions)
         self.hidden_states = per_layer(self.hidden_states)
 
-    @property
-    def weights(self) -> tuple[Tensor, ...] | None:  # alias: remove after merge
-        return self.attentions
-
 
 @dataclass
 class XLState:
@@ -223,7 +219,7 @@ class TransformerXL(nn.Module):
         return XLBlock(attn, ffn, cfg.d_model, cfg.dropout, cfg.norm_first)
 
     # ---- memory ---------------------------------------------------------------------------------
-    def _check_mems(self, mems: list[Tensor] | None, tokens: Tensor) -> int:
+    def _check_mems(self, mems: list[Tensor] | None, input_ids: Tensor) -> int:
         """The memory length M of ``mems`` (0 for None), after checking its shapes."""
         if mems is None:
             return 0
@@ -231,10 +227,10 @@ class TransformerXL(nn.Module):
             raise UserError(f"memory has {len(mems)} layers, the model {len(self.layers)}")
         m = mems[0].size(1)
         for mem in mems:
-            if mem.dim() != 3 or mem.size(0) != tokens.size(0) or mem.size(1) != m or \
+            if mem.dim() != 3 or mem.size(0) != input_ids.size(0) or mem.size(1) != m or \
                     mem.size(2) != self.cfg.d_model:
                 raise UserError(f"memory of shape {tuple(mem.shape)} does not fit a batch of "
-                                f"{tokens.size(0)} rows and d_model {self.cfg.d_model}")
+                                f"{input_ids.size(0)} rows and d_model {self.cfg.d_model}")
         return m
 
     @staticmethod
@@ -251,9 +247,7 @@ class TransformerXL(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor | None = None, mems: list[Tensor] | None = None, *,
                 labels: Tensor | None = None, mem_len: int | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                tokens: Tensor | None = None,  # alias: remove after merge
-                need_weights: bool | None = None,  # alias: remove after merge
+                output_attentions: bool = False, output_hidden_states: bool = False
                 ) -> XLOutput:
         """``input_ids`` (B, T) after the memory ``mems`` (the ``mems`` of the previous
         segment's output; transformers' TransfoXL used the same name: it holds hidden states,
@@ -261,17 +255,15 @@ class TransformerXL(nn.Module):
         (e.g. a longer memory in evaluation). ``labels`` (B, T) (``labels = input_ids``, -100
         where not scored) are shifted inside and give ``loss``, the mean next-token
         cross-entropy within the segment."""
-        tokens = tokens if input_ids is None else input_ids  # alias: remove after merge
-        need_weights = output_attentions or bool(need_weights)  # alias: remove after merge
-        if tokens is None:
+        if input_ids is None:
             raise UserError("Transformer-XL needs input_ids")
         cfg = self.cfg
         mem_len = cfg.mem_len if mem_len is None else mem_len
         if mem_len < 0:
             raise UserError(f"mem_len must be >= 0, got {mem_len}")
-        m = self._check_mems(mems, tokens)
-        x = self.drop(self.embed(tokens) * math.sqrt(cfg.d_model))  # (B, T, C)
-        s = m + tokens.size(1)
+        m = self._check_mems(mems, input_ids)
+        x = self.drop(self.embed(input_ids) * math.sqrt(cfg.d_model))  # (B, T, C)
+        s = m + input_ids.size(1)
         rows = min(s, cfg.clamp_len + 1) if cfg.clamp_len else s
         table = self.drop(relative_table(rows, cfg.d_model, cfg.clamp_len).to(x))  # (K, C)
         window = mem_len - 1 if cfg.same_length else None
@@ -279,14 +271,14 @@ class TransformerXL(nn.Module):
         for i, layer in enumerate(self.layers):
             hiddens.append(x)
             out = layer(x, None if mems is None or m == 0 else mems[i], table, window,
-                        need_weights)
+                        output_attentions)
             x = out.hidden
             weights.append(out.self_weights)
         if self.final_norm is not None:
             x = self.final_norm(x)
         logits = self.head(self.drop(x))  # (B, T, V)
         return XLOutput(logits, self.update_mems(mems if m else None, hiddens, mem_len),
-                        weights if need_weights else None,
+                        weights if output_attentions else None,
                         None if labels is None else causal_lm_loss(logits, labels),
                         [*hiddens, x] if output_hidden_states else None)
 

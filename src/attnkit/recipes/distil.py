@@ -152,7 +152,8 @@ def _teacher_outputs(teacher: nn.Module, batch: MLMBatch, selected: Tensor
                      ) -> tuple[Tensor, Tensor | None]:
     """(last hidden (B, S, C), MLM logits at ``selected`` (N, V) or None), no gradients."""
     with torch.no_grad():
-        hidden = encoder_of(teacher)(batch.ids, attention_mask=batch.attention_mask).last_hidden
+        enc = encoder_of(teacher)(batch.ids, attention_mask=batch.attention_mask)
+        hidden = enc.last_hidden_state
         head = getattr(teacher, "mlm", None)
         return hidden, None if head is None else head(hidden[selected])
 
@@ -164,8 +165,8 @@ def make_loss(teacher: nn.Module, cfg: DistilConfig):
         t_hidden, t_logits = _teacher_outputs(teacher, batch, selected)
         out = model(batch.ids, attention_mask=batch.attention_mask, mlm_mask=selected)
         real = batch.attention_mask.bool()
-        parts = distillation_loss(out.mlm_logits, t_logits, batch.labels[selected],
-                                  out.encoder.last_hidden[real], t_hidden[real],
+        parts = distillation_loss(out.logits, t_logits, batch.labels[selected],
+                                  out.encoder.last_hidden_state[real], t_hidden[real],
                                   temperature=cfg.temperature, alpha_ce=cfg.alpha_ce,
                                   alpha_mlm=cfg.alpha_mlm, alpha_cos=cfg.alpha_cos)
         n = max(1, int(selected.sum()))
@@ -178,8 +179,8 @@ def hidden_cosine(a: nn.Module, b: nn.Module, batches: list[MLMBatch]) -> float:
     """Mean cosine between two encoders' last hidden states over real tokens."""
     total, n = 0.0, 0
     for batch in eval_loop(batches, desc="cosine"):
-        ha = encoder_of(a)(batch.ids, attention_mask=batch.attention_mask).last_hidden
-        hb = encoder_of(b)(batch.ids, attention_mask=batch.attention_mask).last_hidden
+        ha = encoder_of(a)(batch.ids, attention_mask=batch.attention_mask).last_hidden_state
+        hb = encoder_of(b)(batch.ids, attention_mask=batch.attention_mask).last_hidden_state
         real = batch.attention_mask.bool()
         total += float(F.cosine_similarity(ha[real], hb[real], dim=-1).double().sum())
         n += int(real.sum())

@@ -92,4 +92,5 @@ def pretrain_loss(model: nn.Module, batch: MLMBatch) -> tuple[torch.Tensor, int]
     selected = batch.labels != IGNORE
     out = model(batch.ids, attention_mask=batch.attention_mask,
                 token_type_ids=batch.token_types, mlm_mask=selected)
-    return mlm_nsp_loss(out.mlm_logits, batch.labels[selected], out.nsp_logits, batch.nsp)
+    return mlm_nsp_loss(out.logits, batch.labels[selected], out.seq_relationship_logits,
+                        batch.nsp)

@@ -135,7 +135,7 @@ def capture_transformer(model: Transformer, inputs: Inputs) -> Capture:
     try:
         with torch.no_grad():
             out = model(torch.tensor([list(src)]), torch.tensor([list(tgt_in)]),
-                        need_weights=True)
+                        output_attentions=True)
     finally:
         rec.remove()
     scale = 1.0 / math.sqrt(model.cfg.d_model // h)
@@ -151,13 +151,13 @@ def capture_transformer(model: Transformer, inputs: Inputs) -> Capture:
              for i in range(len(model.decoder))]
     t = len(tgt_in)
     groups = {
-        "encoder": AttentionGroup("encoder", [w[0] for w in out.encoder_weights], src_tokens,
+        "encoder": AttentionGroup("encoder", [w[0] for w in out.encoder_attentions], src_tokens,
                                   src_tokens, [q for q, _ in enc], [k for _, k in enc],
                                   None, scale),
-        "decoder": AttentionGroup("decoder", [w[0] for w in out.decoder_weights], tgt_tokens,
+        "decoder": AttentionGroup("decoder", [w[0] for w in out.decoder_attentions], tgt_tokens,
                                   tgt_tokens, [q for q, _ in dec], [k for _, k in dec],
                                   torch.ones(t, t, dtype=torch.bool).tril(), scale),
-        "cross": AttentionGroup("cross", [w[0] for w in out.cross_weights], tgt_tokens,
+        "cross": AttentionGroup("cross", [w[0] for w in out.cross_attentions], tgt_tokens,
                                 src_tokens, [q for q, _ in cross], [k for _, k in cross],
                                 None, scale),
     }
@@ -170,8 +170,8 @@ def capture_rnn(model: RNNSeq2Seq, inputs: Inputs) -> Capture:
     if model.cfg.attention == "none":
         raise UserError("the RNN without attention (model rnn) has no attention to show")
     with torch.no_grad():
-        out = model(torch.tensor([inputs.ids]), torch.tensor([inputs.tgt]), need_weights=True)
-    weights = out.cross_weights[0][0]  # (1, T, S)
+        out = model(torch.tensor([inputs.ids]), torch.tensor([inputs.tgt]), output_attentions=True)
+    weights = out.cross_attentions[0][0]  # (1, T, S)
     return Capture({"cross": AttentionGroup("cross", [weights], inputs.tgt_tokens,
                                             inputs.tokens)})
 
@@ -196,7 +196,7 @@ def capture_gpt2(model: GPT2, inputs: Inputs) -> Capture:
     keys j <= i; q and k come from each block's fused ``qkv_proj``."""
     cfg, ids = model.config, torch.tensor([inputs.ids])  # (1, T)
     weights, queries, keys = _self_attention(
-        model.blocks, lambda: model(ids, need_weights=True).attentions, cfg.n_heads)
+        model.blocks, lambda: model(ids, output_attentions=True).attentions, cfg.n_heads)
     t = len(inputs.ids)
     return Capture({"self": AttentionGroup(
         "self", weights, inputs.tokens, inputs.tokens, queries, keys,
@@ -213,7 +213,7 @@ def capture_bert(model: BertModel | BertForPreTraining, inputs: Inputs) -> Captu
     if inputs.token_types is not None and enc.token_types is not None:
         types = torch.tensor([inputs.token_types])
     weights, queries, keys = _self_attention(
-        enc.layers, lambda: enc(ids, token_type_ids=types, need_weights=True).attentions,
+        enc.layers, lambda: enc(ids, token_type_ids=types, output_attentions=True).attentions,
         enc.arch.n_heads)
     return Capture({"encoder": AttentionGroup(
         "encoder", weights, inputs.tokens, inputs.tokens, queries, keys, None,
