@@ -62,12 +62,17 @@ def _weigh(x: Tensor, p: Tensor) -> Tensor:
     return x * p.reshape(*p.shape, *([1] * (x.dim() - p.dim())))
 
 
+def check_halting(eps: float, max_steps: int) -> None:
+    """ConfigError unless 0 < eps < 1 and max_steps >= 1."""
+    if not 0 < eps < 1 or max_steps < 1:
+        raise ConfigError(f"ACT needs 0 < eps < 1 and max_steps >= 1, got {eps}, {max_steps}")
+
+
 def ponder(step: Callable[[State, int], tuple[State, Tensor | None, Tensor]], state: State,
            eps: float = 0.01, max_steps: int = 100) -> PonderOutput:
     """Run ``step(state, n) -> (state, output or None, h)`` for n = 1.. until every element
     halts; ``h`` are halting probabilities in (0, 1) with the halting shape."""
-    if not 0 < eps < 1 or max_steps < 1:
-        raise ConfigError(f"need 0 < eps < 1 and max_steps >= 1, got {eps}, {max_steps}")
+    check_halting(eps, max_steps)
     acc_state = acc_out = None
     total = running = steps = remainder = None
     probs = []
@@ -140,9 +145,7 @@ class ACTCell(nn.Module):
     def __init__(self, cell: nn.Module, eps: float = 0.01, max_steps: int = 100,
                  halt_bias: float = 1.0) -> None:
         super().__init__()
-        if not 0 < eps < 1 or max_steps < 1:
-            raise ConfigError(f"ACT needs 0 < eps < 1 and max_steps >= 1, got {eps}, "
-                              f"{max_steps}")
+        check_halting(eps, max_steps)
         self.cell, self.eps, self.max_steps = cell, eps, max_steps
         self.hidden_size = cell.hidden_size
         self.halt = HaltingUnit(cell.hidden_size, halt_bias)
@@ -189,9 +192,7 @@ class ACTBlock(nn.Module):
     def __init__(self, block: nn.Module, d_model: int, eps: float = 0.01, max_steps: int = 8,
                  halt_bias: float = 1.0) -> None:
         super().__init__()
-        if not 0 < eps < 1 or max_steps < 1:
-            raise ConfigError(f"ACT needs 0 < eps < 1 and max_steps >= 1, got {eps}, "
-                              f"{max_steps}")
+        check_halting(eps, max_steps)
         self.block, self.eps, self.max_steps = block, eps, max_steps
         self.step_embedding = nn.Embedding(max_steps, d_model)
         nn.init.normal_(self.step_embedding.weight, std=0.02)

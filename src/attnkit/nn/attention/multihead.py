@@ -71,6 +71,22 @@ class Packing:
         return x.view(self.batch, self.length, x.size(-1))
 
 
+def head_size(d_model: int, n_heads: int, path: str) -> int:
+    """D = C / H, after checking that the heads divide the width and that ``path`` is one of
+    the core's kernels (:data:`~attnkit.nn.attention.core.PATHS`)."""
+    if d_model % n_heads:
+        raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+    if path not in PATHS:
+        raise unknown("attention path", path, PATHS)
+    return d_model // n_heads
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """(B, T, C) -> (B, H, T, D): each head's slice of the projection."""
+    b, t, c = x.shape
+    return x.view(b, t, n_heads, c // n_heads).transpose(1, 2)
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_H) W^O with
     head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
@@ -84,16 +100,12 @@ class MultiHeadAttention(nn.Module):
                  cross: bool = False, *, window: int | None = None, max_len: int | None = None,
                  path: str = "auto") -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
-        if path not in PATHS:
-            raise unknown("attention path", path, PATHS)
+        head_dim = head_size(d_model, n_heads, path)
         if window is not None:
             if cross:
                 raise ConfigError("a sliding window is for self-attention, not cross-attention")
             check_window(window, max_len)
-        self.n_heads, self.head_dim, self.dropout, self.cross = (
-            n_heads, d_model // n_heads, dropout, cross)
+        self.n_heads, self.head_dim, self.dropout, self.cross = n_heads, head_dim, dropout, cross
         self.window, self.path = window, path
         if cross:
             self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -102,14 +114,10 @@ class MultiHeadAttention(nn.Module):
             self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-
     def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H, S, D) of ``context`` (cross-attention; cached by decoders)."""
         k, v = self.kv_proj(context).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
+        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 bias: Tensor | None = None, cache: KVCache | None = None,
@@ -125,13 +133,13 @@ class MultiHeadAttention(nn.Module):
         if self.cross:
             if packing is not None:
                 raise ConfigError("packed sequences are for self-attention")
-            q = self._heads(self.q_proj(x))
+            q = split_heads(self.q_proj(x), self.n_heads)
             k, v = kv if kv is not None else self.project_kv(context)
         else:
             qkv = inference_linear(x, self.qkv_proj)  # (B, T, 3C), or packed (N, 3C)
             if packing is not None:
                 qkv, mask = packing.unpack(qkv), combine(mask, packing.mask)  # (B, S, 3C)
-            q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))  # (B, H, T, D) each
+            q, k, v = (split_heads(t, self.n_heads) for t in qkv.chunk(3, -1))  # (B, H, T, D)
             if cache is not None:
                 k, v = cache.append(k, v)
         res = attention(q, k, v, mask=mask, bias=bias, need_weights=need_weights, causal=causal,

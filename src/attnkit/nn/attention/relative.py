@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.config import unknown
 from attnkit.nn.attention import flex
 from attnkit.nn.attention.adaptive_span import AdaptiveSpan
-from attnkit.nn.attention.core import PATHS, attention
-from attnkit.nn.attention.multihead import MHAOutput
+from attnkit.nn.attention.core import attention
+from attnkit.nn.attention.multihead import MHAOutput, head_size, split_heads
 from attnkit.nn.attention.persistent import PersistentMemory
 
 
@@ -83,12 +82,8 @@ class RelativeMultiHeadAttention(nn.Module):
                  span: AdaptiveSpan | None = None, persistent: PersistentMemory | None = None,
                  path: str = "auto") -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
-        if path not in PATHS:
-            raise unknown("attention path", path, PATHS)
         self.n_heads, self.head_dim, self.dropout, self.path = (
-            n_heads, d_model // n_heads, dropout, path)
+            n_heads, head_size(d_model, n_heads, path), dropout, path)
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.r_proj = nn.Linear(d_model, d_model, bias=False)  # W_{k,R}
@@ -96,10 +91,6 @@ class RelativeMultiHeadAttention(nn.Module):
         self.u = nn.Parameter(torch.randn(n_heads, self.head_dim) * 0.02)  # content bias
         self.v = nn.Parameter(torch.randn(n_heads, self.head_dim) * 0.02)  # position bias
         self.span, self.persistent = span, persistent
-
-    def _heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def memory_needed(self, mem_len: int) -> int:
         """How many memory positions the layer reads: all, or what the spans can reach."""
@@ -116,8 +107,8 @@ class RelativeMultiHeadAttention(nn.Module):
             mem = mem[:, mem.size(1) - keep:]  # trimmed to the largest current span
         h = x if mem is None or mem.size(1) == 0 else torch.cat([mem, x], dim=1)  # (B, S, C)
         t, s = x.size(1), h.size(1)
-        q = self._heads(self.q_proj(x))  # (B, H, T, D)
-        k, v = (self._heads(a) for a in self.kv_proj(h).chunk(2, dim=-1))  # (B, H, S, D)
+        q = split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
+        k, v = (split_heads(a, self.n_heads) for a in self.kv_proj(h).chunk(2, -1))  # (B, H, S, D)
         rows = min(s, table.size(0))  # distinct distances (table rows past clamp_len repeat)
         rk = self.r_proj(table[:rows]).view(rows, self.n_heads, self.head_dim).transpose(0, 1)
         limit = s - 1 if max_distance is None else min(s - 1, max_distance)
