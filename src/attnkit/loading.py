@@ -79,7 +79,7 @@ def _load_pretrained(path: Path, model_type: Any, reader: str) -> Loaded:
 
 def _load_run(path: Path, which: Literal["best", "latest"], families: list[str] | None
               ) -> Loaded:
-    from attnkit.models import config_of, get_family, rebuild
+    from attnkit.models import FAMILIES, config_of, read_record
     from attnkit.train.checkpoint import load_run_weights
 
     record = read_run(path)
@@ -87,11 +87,10 @@ def _load_run(path: Path, which: Literal["best", "latest"], families: list[str] 
     if not (isinstance(spec, dict) and isinstance(spec.get("config"), dict)
             and isinstance(spec.get("family"), str)):
         raise UserError(f"{path} has no trained model yet")
-    family = spec["family"]
+    family, cfg = read_record(spec)  # a one-line error for a family attnkit does not know
     if families is not None and family not in families:  # before building anything
         raise UserError(f"{path} holds a '{family}' model, not {' or '.join(families)}")
-    get_family(family)  # a one-line error for a family attnkit does not know
-    model = rebuild(spec)
+    model = FAMILIES[family].build(cfg)
     if "head" in spec:
         from attnkit.models.heads import task_head
 

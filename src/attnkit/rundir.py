@@ -26,13 +26,13 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attnkit.config import from_dict, to_dict
+from attnkit.config import from_dict, parse_value, to_dict
 from attnkit.errors import ConfigError, UserError
 
 CONFIG = "config.json"
@@ -121,8 +121,74 @@ def is_run(path: str | Path) -> bool:
     return "recipe" in read_config_json(path)
 
 
+# ---- runs written by earlier releases ---------------------------------------------------------
+# Settings and values that runs of earlier releases recorded and attnkit no longer has:
+# (the dotted key's last parts, its old value or None for any, what reading a run makes of it:
+# the value now or None to drop the key, why). Reading a run applies them, so old runs evaluate
+# and resume as before; a config file or --set that gives one is refused in one line with why.
+RETIRED: tuple[tuple[str, Any, Any, str], ...] = (
+    ("energy.country_iso_code", None, None,
+     "it told codecarbon the grid's country, and the codecarbon energy backend was dropped"),
+    ("energy.method", "codecarbon", "auto", "the codecarbon energy backend was dropped"),
+)
+
+
+def retired(key: str, value: Any) -> tuple[Any, str] | None:
+    """``(value now or None to drop the setting, why)`` when attnkit no longer has setting
+    ``key`` (dotted) or its ``value`` (:data:`RETIRED`); None when both are current."""
+    for suffix, old, now, why in RETIRED:
+        if (key == suffix or key.endswith("." + suffix)) and (old is None or value == old):
+            return now, why
+    return None
+
+
+def _settings(section: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The (dotted key, value) leaves of a nested config dict."""
+    for key, value in section.items():
+        if isinstance(value, dict):
+            yield from _settings(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def _upgrade_settings(section: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out[key] = _upgrade_settings(value, f"{prefix}{key}.")
+        elif (change := retired(prefix + key, value)) is None:
+            out[key] = value
+        elif change[0] is not None:
+            out[key] = change[0]
+    return out
+
+
+def refuse_retired(settings: dict, overrides: Iterable[str] = ()) -> None:
+    """A one-line error for a retired setting or value (:data:`RETIRED`) given in a config
+    file (``settings``) or a ``key=value`` override."""
+    given = [*_settings(settings)]
+    given += [(key, parse_value(raw)) for key, _, raw in (o.partition("=") for o in overrides)]
+    for key, value in given:
+        if (change := retired(key, value)) is not None:
+            now, why = change
+            if now is None:
+                raise UserError(f"{key} is no longer a setting ({why}); leave it out")
+            raise UserError(f"{key}={value} is no longer available ({why}); use {now}")
+
+
+def upgrade_record(record: dict) -> dict:
+    """A run record of any release in today's layout (a new dict): retired settings dropped or
+    replaced (:data:`RETIRED`), and a fine-tuning run's ``head`` inside its model record, where
+    runs before the family table kept it beside."""
+    record = {**record, "config": _upgrade_settings(record["config"])}
+    if isinstance(record.get("head"), dict) and isinstance(record.get("model"), dict):
+        record["model"] = {**record["model"], "head": record.pop("head")}
+    return record
+
+
 def read_run(run_dir: str | Path) -> dict:
-    """A run directory's config.json (recipe, config, model) with one-line errors."""
+    """A run directory's config.json (recipe, config, model) with one-line errors, in today's
+    layout (:func:`upgrade_record`)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise UserError(f"{run_dir} is not an attnkit run directory (no {CONFIG})")
@@ -133,7 +199,7 @@ def read_run(run_dir: str | Path) -> dict:
     if not (isinstance(record, dict) and isinstance(record.get("recipe"), str)
             and isinstance(record.get("config"), dict)):
         raise UserError(f"{path} is not an attnkit run config (no recipe and config)")
-    return record
+    return upgrade_record(record)
 
 
 def record_model(run_dir: str | Path, spec: dict) -> None:

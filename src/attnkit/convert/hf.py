@@ -261,8 +261,9 @@ def check_export_target(path: str | Path, overwrite: bool) -> None:
         raise UserError(f"{path} exists and is not empty (pass --overwrite, or overwrite=True "
                         "in Python, to replace an earlier export)")
     if not is_attnkit_export(path):
-        raise UserError(f"{path} holds files attnkit did not export there; --overwrite replaces "
-                        "only an earlier attnkit export (give a new directory)")
+        raise UserError(f"{path} holds files attnkit did not export there, or an export from "
+                        "before attnkit marked its exports; --overwrite replaces only a marked "
+                        "export: give a new directory, or remove this one yourself")
 
 
 def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None, *,

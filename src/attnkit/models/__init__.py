@@ -45,6 +45,7 @@ class Family:
     viz: str = ""                               # "module:attribute" of its viz capture
     accepts: Callable[[Any], bool] | None = None  # among families sharing a config class
     tp_plan: Mapping[str, Any] | None = None    # tensor-parallel plan (module path -> style)
+    renamed: Mapping[str, str] = field(default_factory=dict)  # config keys of older runs -> now
 
 
 def transformer_arch(preset: str, arch: dict, src_vocab: int, tgt_vocab: int = 0
@@ -80,7 +81,7 @@ FAMILIES: dict[str, Family] = {
                    "attnkit.convert.gpt2", "attnkit.viz.families:GPT2"),
     "transformer-xl": Family(transformer_xl.TransformerXLConfig, transformer_xl.TransformerXL,
                              transformer_xl.xl_arch, transformer_xl.PRESETS, "lm",
-                             viz="attnkit.viz.families:XL"),
+                             viz="attnkit.viz.families:XL", renamed=transformer_xl.RENAMED),
     "bert": Family(bert.BertConfig, bert.build_bert, presets=bert.PRESETS, hf_types=("bert",),
                    accepts=lambda c: c.variant == "bert", **_BERT),
     "roberta": Family(bert.BertConfig, bert.build_bert, presets=bert.PRESETS,
@@ -117,25 +118,37 @@ def config_of(model: nn.Module) -> Any:
     return cfg
 
 
-def family_of(model: nn.Module) -> str:
-    """The name of ``model``'s family, found by its config (models with heads included)."""
-    cfg = config_of(model)
+def family_of_config(cfg: Any) -> str:
+    """The name of the family a config object belongs to."""
     for name, fam in FAMILIES.items():
         if isinstance(cfg, fam.config) and (fam.accepts is None or fam.accepts(cfg)):
             return name
-    raise UserError(f"{type(model).__name__} belongs to no family of attnkit.models.FAMILIES")
+    raise UserError(f"a {type(cfg).__name__} belongs to no family of attnkit.models.FAMILIES")
+
+
+def family_of(model: nn.Module) -> str:
+    """The name of ``model``'s family, found by its config (models with heads included)."""
+    return family_of_config(config_of(model))
 
 
 def model_record(model: nn.Module) -> dict:
     """What config.json records of a built model: ``{"family", "config"}``; the config
-    rebuilds it (:func:`rebuild`)."""
+    rebuilds it (:func:`read_record`)."""
     return {"family": family_of(model), "config": to_dict(config_of(model))}
 
 
-def rebuild(record: dict) -> nn.Module:
-    """A fresh model from a recorded ``{"family", "config"}``."""
-    fam = get_family(record.get("family", "?"))
-    return fam.build(from_dict(fam.config, record["config"]))
+def read_record(record: dict) -> tuple[str, Any]:
+    """The family name and config of a recorded model ``{"family", "config"}`` written by any
+    release: config keys renamed since are read by their new names (the entry's ``renamed``),
+    and a config its recorded family does not accept belongs to the family sharing its config
+    class that does (RoBERTa runs were recorded as "bert" before the family table)."""
+    name = record.get("family", "?")
+    fam = get_family(name)
+    cfg = from_dict(fam.config, {fam.renamed.get(k, k): v for k, v in record["config"].items()})
+    if fam.accepts is not None and not fam.accepts(cfg):
+        name = family_of_config(cfg)
+    return name, cfg
+
 
 
 def _checked(name: str, decoding: Decoding) -> Family:

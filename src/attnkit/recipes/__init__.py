@@ -24,6 +24,7 @@ from attnkit.recipes import (
     translate,
     xl_lm,
 )
+from attnkit.rundir import refuse_retired
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def resolve_config(recipe: Recipe, config_file: str | None = None,
     """Defaults, then a JSON config file, then ``key=value`` overrides; validated."""
     default = recipe.defaults()
     data = to_dict(default)
-    if config_file:
-        data = _merge(data, load_json(config_file))
+    given = load_json(config_file) if config_file else {}
+    refuse_retired(given, overrides)
+    data = _merge(data, given)
     data = apply_overrides(data, overrides, open_sections=("arch",))
     return from_dict(type(default), data)
 
