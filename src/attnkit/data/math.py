@@ -54,7 +54,7 @@ def _fix_compat() -> None:
 
     Only adds what is missing: ``sympy.solvers.diophantine.base_solution_linear`` (moved to the
     ``diophantine.diophantine`` submodule) and the removed alias ``numpy.object``. The package
-    also needs numpy < 2 (``ndarray.itemset``), which the project pins.
+    also needs numpy < 2 (``ndarray.itemset``), which the ``math`` extra pins.
     """
     import numpy as np
 
@@ -67,11 +67,23 @@ def _fix_compat() -> None:
         dioph.base_solution_linear = inner.base_solution_linear
 
 
+def _import_modules():
+    """The package's ``modules``, or a one-line error naming the extra that installs it."""
+    try:
+        _fix_compat()
+        from mathematics_dataset.modules import modules
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in ("mathematics_dataset", "sympy"):
+            raise
+        raise UserError("the math recipes need DeepMind's mathematics-dataset: "
+                        "pip install 'attnkit[math]'") from None
+    return modules
+
+
 @functools.lru_cache(maxsize=1)
 def _all_names() -> dict[str, tuple[str, ...]]:
     """Module names per split, read from the package (constructing modules draws no random)."""
-    _fix_compat()
-    from mathematics_dataset.modules import modules
+    modules = _import_modules()
 
     def flat(tree: dict) -> tuple[str, ...]:
         return tuple(sorted(f"{area}__{name}" for area, sub in tree.items() for name in sub))
