@@ -67,12 +67,14 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a trained run on its recipe's test sets")
     e.add_argument("run", help="run directory")
+    _add_device(e)
 
     tr = sub.add_parser("translate", help="decode text with a trained run (args or stdin)")
     tr.add_argument("run", help="run directory")
     tr.add_argument("text", nargs="*", help="sentences; read from stdin (one a line) if none")
     tr.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
     tr.add_argument("--greedy", action="store_true", help="greedy decoding")
+    _add_device(tr)
 
     _add_generate(sub)
 
@@ -92,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list recipes, or show one's default config")
     r.add_argument("--show", metavar="NAME", help="print this recipe's default config as JSON")
 
+    c = sub.add_parser("count", help="parameters and memory of a model preset, built on the "
+                                     "meta device (nothing allocated)")
+    c.add_argument("family", help="model family (gpt2, transformer, bert, ...)")
+    c.add_argument("preset", nargs="?", help="one preset (default: every preset of the family)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. vocab_size=32000 (repeatable)")
+
     v = sub.add_parser("viz", help="attention views as one offline HTML file (and a PNG)")
     v.add_argument("run", metavar="PATH",
                    help="attnkit run directory, or Hugging Face model directory (gpt2, bert, "
@@ -109,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", help="HTML file to write")
     v.add_argument("--png", help="also write a PNG heatmap here")
     v.add_argument("--layer", type=int, default=0, help="layer of the PNG for head/neuron views")
+    _add_device(v)
 
     from attnkit.energy.commands import add_arguments as add_energy
 
@@ -144,11 +154,13 @@ def _run_recipe(recipe: Any, cfg: Any) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from attnkit.recipes import config_of_run
     from attnkit.rundir import read_run
 
     recipe, cfg = config_of_run(read_run(args.run))
-    recipe.evaluate(Path(args.run), cfg)
+    recipe.evaluate(Path(args.run), replace(cfg, train=replace(cfg.train, device=args.device)))
 
 
 def _translate(args: argparse.Namespace) -> None:
@@ -159,7 +171,7 @@ def _translate(args: argparse.Namespace) -> None:
     from attnkit.recipes import config_of_run
     from attnkit.recipes.seq2seq import decode_texts
 
-    run = load(args.run, families=names("seq2seq"))
+    run = load(args.run, families=names("seq2seq"), device=args.device)
     _, cfg = config_of_run(run.record)
     decode = cfg.decode
     if args.beam is not None:
@@ -202,6 +214,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="prompts generated together (with --prompts-file)")
     g.add_argument("--no-stream", action="store_true",
                    help="print each text when finished instead of token by token")
+    _add_device(g)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (default: CUDA, then MPS, then CPU), cpu, "
+                        "cuda, cuda:N or mps")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -231,7 +250,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise UserError(f"no prompts in {args.prompts_file}")
     else:
         prompts = [args.prompt]
-    run = load(args.model)
+    run = load(args.model, device=args.device)
     if FAMILIES[run.family].decoding != "lm":
         raise UserError(f"{args.model} holds a '{run.family}' model, not a decoder-only "
                         "language model (attnkit translate decodes encoder-decoder runs)")
@@ -289,6 +308,34 @@ def _recipes(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {recipe.summary}")
 
 
+def _count(args: argparse.Namespace) -> None:
+    from attnkit.config import parse_value
+    from attnkit.errors import ConfigError
+    from attnkit.models import build_on_meta, get_family
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        overrides[key] = parse_value(raw)
+    presets = [args.preset] if args.preset else list(get_family(args.family).presets)
+    rows = []
+    for preset in presets or [""]:
+        model = build_on_meta(args.family, preset, **overrides)
+        n = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        rows.append((preset, f"{n:,}", f"{n * 4 / 2**30:.2f}", f"{n * 2 / 2**30:.2f}",
+                     f"{n * 16 / 2**30:.2f}"))
+    head = ("preset", "parameters", "fp32 GiB", "bf16 GiB", "AdamW training GiB")
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    for row in (head, *rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    print(f"({args.family} built on the meta device: nothing allocated. Training holds fp32 "
+          "weights, gradients and two AdamW\n moments, 16 bytes a parameter (bf16 autocast keeps "
+          "fp32 weights), plus the activations.)")
+
+
 def _energy(args: argparse.Namespace) -> None:
     from attnkit.energy.commands import main as energy_main
 
@@ -307,7 +354,7 @@ def _viz(args: argparse.Namespace) -> None:
         raise UserError("give the HTML file to write with -o OUT.html")
     if args.target is not None and args.pair is not None:
         raise UserError("give either --target or --pair, not both")
-    model, tok = viz.load(args.run)
+    model, tok = viz.load(args.run, device=args.device)
     cap = viz.capture_text(model, tok, args.text, args.target, pair=args.pair)
     for name in args.group or []:
         cap.group(name)
@@ -324,7 +371,7 @@ def _viz(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": _train, "eval": _eval, "translate": _translate, "recipes": _recipes,
             "energy": _energy, "viz": _viz, "generate": _generate, "export": _export,
-            "download": _download, "resume": _resume}
+            "download": _download, "resume": _resume, "count": _count}
 
 
 def _check_text(args: argparse.Namespace) -> None:

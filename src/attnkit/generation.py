@@ -44,6 +44,7 @@ from typing import Protocol, TextIO
 import torch
 from torch import Tensor, nn
 
+from attnkit.accel import device_of
 from attnkit.decoding import OnToken, decode_beams, decode_steps
 from attnkit.errors import ConfigError, UserError
 from attnkit.nn.fast_linear import decode_linears
@@ -237,11 +238,6 @@ def _forbid(logits: Tensor, token: int) -> Tensor:
     return logits
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 # -- generation -----------------------------------------------------------------------------------
 def generate(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
              cfg: GenerationConfig | None = None, *,
@@ -261,7 +257,7 @@ def generate(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
         return [row for i, p in enumerate(prompts) for row in generate(
             model, [p], cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + i),
             on_token=None if on_token is None else lambda _, tok, i=i: on_token(i, tok))]
-    device, training = _device(model), model.training
+    device, training = device_of(model), model.training
     model.eval()
     try:
         with torch.inference_mode(), decode_linears(model):  # faster at batch 1 on CPU

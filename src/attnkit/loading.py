@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
+from attnkit.accel import resolve_device
 from attnkit.errors import UserError
 from attnkit.rundir import TOKENIZER, read_config_json, read_run
 
@@ -42,11 +44,18 @@ class Loaded:
 
 
 def load(path: str | Path, which: Literal["best", "latest"] = "best", *,
-         families: Iterable[str] | None = None, reader: str = "attnkit") -> Loaded:
+         families: Iterable[str] | None = None, reader: str = "attnkit",
+         device: str | torch.device = "cpu") -> Loaded:
     """The model, config, tokenizer and family of an attnkit run directory (its ``which``
     checkpoint: "best", the latest when it has no best, or "latest") or of a Hugging Face model
     directory. ``families`` refuses any other family in one line; ``reader`` names the command
-    in the message about an unreadable Hugging Face ``model_type``."""
+    in the message about an unreadable Hugging Face ``model_type``. The model is put on
+    ``device`` ("cpu", "auto", "cuda:1", ...: :func:`attnkit.accel.resolve_device`); a run's
+    weights are read straight onto it, whatever device trained them."""
+    device = resolve_device(device)
+    if device.type == "meta":
+        raise UserError("the meta device holds no weights: load on cpu, cuda or mps "
+                        "(attnkit.models.build_on_meta sizes a preset without them)")
     path, allowed = Path(path), None if families is None else list(families)
     if not path.is_dir():
         missing = "" if path.exists() else "model directory not found: "
@@ -55,15 +64,16 @@ def load(path: str | Path, which: Literal["best", "latest"] = "best", *,
                         "directory or a Hugging Face model directory)")
     record = read_config_json(path)
     if "model_type" in record and "recipe" not in record:
-        loaded = _load_pretrained(path, record["model_type"], reader)
+        loaded = _load_pretrained(path, record["model_type"], reader, device)
     else:
-        loaded = _load_run(path, which, allowed)
+        loaded = _load_run(path, which, allowed, device)
     if allowed is not None and loaded.family not in allowed:
         raise UserError(f"{path} holds a '{loaded.family}' model, not {' or '.join(allowed)}")
     return loaded
 
 
-def _load_pretrained(path: Path, model_type: Any, reader: str) -> Loaded:
+def _load_pretrained(path: Path, model_type: Any, reader: str, device: torch.device
+                     ) -> Loaded:
     from attnkit.convert.hf import from_pretrained, hf_types
 
     types = hf_types()
@@ -74,11 +84,12 @@ def _load_pretrained(path: Path, model_type: Any, reader: str) -> Loaded:
         pre = from_pretrained(path)
     except UserError as err:
         raise UserError(f"cannot load the Hugging Face model in {path}: {err}") from None
-    return Loaded(pre.model.eval(), pre.config, pre.tokenizer, types[model_type], None)
+    return Loaded(pre.model.to(device).eval(), pre.config, pre.tokenizer, types[model_type],
+                  None)
 
 
-def _load_run(path: Path, which: Literal["best", "latest"], families: list[str] | None
-              ) -> Loaded:
+def _load_run(path: Path, which: Literal["best", "latest"], families: list[str] | None,
+              device: torch.device) -> Loaded:
     from attnkit.models import FAMILIES, config_of, read_record
     from attnkit.train.checkpoint import load_run_weights
 
@@ -96,7 +107,7 @@ def _load_run(path: Path, which: Literal["best", "latest"], families: list[str] 
 
         head = spec["head"]
         model = task_head(head["task"], model, max(1, len(head["labels"])), head["pooling"])
-    load_run_weights(path, model, which)
+    load_run_weights(path, model.to(device), which)  # read onto the model's device
     tokenizer = None
     if (path / TOKENIZER).is_file():
         from attnkit.tokenizers import Tokenizer

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from attnkit.config import from_dict, to_dict, unknown
@@ -149,6 +150,24 @@ def read_record(record: dict) -> tuple[str, Any]:
         name = family_of_config(cfg)
     return name, cfg
 
+
+def build_on_meta(family: str, preset: str, **overrides: Any) -> nn.Module:
+    """Family ``family`` at ``preset`` (one of its table entry's presets, plus config
+    ``overrides`` such as ``vocab_size``) built on the meta device: every parameter has its
+    shape and dtype but no storage, so the largest presets are counted and planned without
+    allocating or initialising anything (``attnkit count``)."""
+    fam = get_family(family)
+    if not fam.presets:
+        raise UserError(f"the '{family}' family has no presets (families with presets: "
+                        f"{', '.join(n for n, f in FAMILIES.items() if f.presets)})")
+    if preset not in fam.presets:
+        raise unknown(f"{family} preset", preset, fam.presets)
+    cfg = from_dict(fam.config, {**fam.presets[preset], **overrides})
+    if fam.accepts is not None and not fam.accepts(cfg):
+        raise UserError(f"the {family} preset '{preset}' with these settings builds a "
+                        f"'{family_of_config(cfg)}' model, not a '{family}' one")
+    with torch.device("meta"):
+        return fam.build(cfg)
 
 
 def _checked(name: str, decoding: Decoding) -> Family:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.accel import device_of
 from attnkit.data.algorithmic import GeneratedBatches, TensorBatch, fixed_batches, parity_examples
 from attnkit.errors import ConfigError
 from attnkit.loading import load
@@ -97,9 +98,9 @@ def main(cfg: ACTParityConfig, recipe: str = "act-parity") -> dict:
 
 
 def evaluate(run_dir: Path, cfg: ACTParityConfig) -> dict:
-    model = load(run_dir, families=["parity-act"]).model
+    model = load(run_dir, families=["parity-act"], device=cfg.train.device).model
     with torch.no_grad():
-        figures = measure(model, _eval_batch(cfg.data))
+        figures = measure(model, _eval_batch(cfg.data).to(device_of(model)))
     figures["sequence_error_rate"] = 1 - figures["accuracy"]
     return write_report(run_dir, {"held_out": figures})
 

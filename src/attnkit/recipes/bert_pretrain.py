@@ -84,13 +84,13 @@ def main(cfg: PretrainConfig, recipe: str = "bert-pretrain") -> dict:
     fit(model, pretrain_loss, batches, cfg.train, run_dir, evaluate=lambda m: mlm_scores(m, val))
     if not dist.is_main():
         return {}
-    best = load(run_dir, families=ENCODERS).model
+    best = load(run_dir, families=ENCODERS, device=cfg.train.device).model
     return report(run_dir, mlm_scores(best, val))
 
 
 def evaluate(run_dir: Path, cfg: PretrainConfig) -> dict:
     """`attnkit eval RUN`: held-out MLM scores of the best checkpoint."""
-    run = load(run_dir, families=ENCODERS)
+    run = load(run_dir, families=ENCODERS, device=cfg.train.device)
     model, tok = run.model, run.require_tokenizer(run_dir)
     cfg = with_data_default(cfg)
     _, val_texts = load_corpus(cfg.data)

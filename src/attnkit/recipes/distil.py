@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.accel import device_of, synchronize
 from attnkit.data.mlm import (
     MaskConfig,
     Masker,
@@ -178,7 +179,7 @@ def make_loss(teacher: nn.Module, cfg: DistilConfig):
 def hidden_cosine(a: nn.Module, b: nn.Module, batches: list[MLMBatch]) -> float:
     """Mean cosine between two encoders' last hidden states over real tokens."""
     total, n = 0.0, 0
-    for batch in eval_loop(batches, desc="cosine"):
+    for batch in eval_loop(batches, device_of(a), desc="cosine"):
         ha = encoder_of(a)(batch.ids, attention_mask=batch.attention_mask).last_hidden_state
         hb = encoder_of(b)(batch.ids, attention_mask=batch.attention_mask).last_hidden_state
         real = batch.attention_mask.bool()
@@ -200,6 +201,8 @@ def inference_seconds(models: dict[str, nn.Module], batches: list[MLMBatch], rep
                       ) -> dict[str, float]:
     """Median seconds per pass of each encoder over ``batches``, the models interleaved."""
     times: dict[str, list[float]] = {k: [] for k in models}
+    device = device_of(next(iter(models.values())))
+    batches = [b.to(device) for b in batches]
     for m in models.values():
         m.eval()
         encoder_of(m)(batches[0].ids, attention_mask=batches[0].attention_mask)  # warm-up
@@ -208,6 +211,7 @@ def inference_seconds(models: dict[str, nn.Module], batches: list[MLMBatch], rep
             start = time.perf_counter()
             for batch in batches:
                 encoder_of(m)(batch.ids, attention_mask=batch.attention_mask)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -283,7 +287,7 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
         raise UserError("set teacher=DIR: an attnkit bert-pretrain run or a Hugging Face "
                         "BERT/RoBERTa directory")
     cfg = with_data_default(cfg)
-    loaded = load(cfg.teacher, families=ENCODERS)
+    loaded = load(cfg.teacher, families=ENCODERS, device=cfg.train.device)
     teacher, tok = loaded.model, loaded.require_tokenizer(cfg.teacher)
     teacher.eval().requires_grad_(False)
     arch = encoder_of(teacher).arch
@@ -307,7 +311,7 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
 
 def final_report(run_dir: Path, cfg: DistilConfig, teacher: nn.Module,
                  val: list[MLMBatch]) -> dict:
-    student = load(run_dir, families=["distilbert"]).model
+    student = load(run_dir, families=["distilbert"], device=cfg.train.device).model
     res = compare(teacher, student, val, cfg.speed_repeats)
     if cfg.downstream.data.train:
         res["downstream"] = run_downstream(cfg, run_dir)
@@ -320,7 +324,7 @@ def final_report(run_dir: Path, cfg: DistilConfig, teacher: nn.Module,
 
 def evaluate(run_dir: Path, cfg: DistilConfig) -> dict:
     """`attnkit eval RUN`: the comparison again (downstream runs resume, i.e. are reused)."""
-    teacher = load(cfg.teacher, families=ENCODERS).model
+    teacher = load(cfg.teacher, families=ENCODERS, device=cfg.train.device).model
     _, val = _data(with_data_default(cfg), Tokenizer.load(run_dir / TOKENIZER),
                    encoder_of(teacher).arch.vocab_size)
     return final_report(run_dir, cfg, teacher.eval(), val)

@@ -191,7 +191,7 @@ def train_and_report(cfg: FinetuneConfig, recipe: str = "finetune") -> dict:
 def final_report(run_dir: Path, cfg: FinetuneConfig, val_items: list[Item] | None = None
                  ) -> dict:
     """Score the validation (and test) files with the best checkpoint; results.json."""
-    run = load(run_dir, families=ENCODERS)
+    run = load(run_dir, families=ENCODERS, device=cfg.train.device)
     model, tok = run.model, run.require_tokenizer(run_dir)
     labels = run.record["model"]["head"]["labels"]
     pad = tok.pad_id if tok.pad_id is not None else 0

@@ -202,7 +202,7 @@ def train_lm(run_dir: Path, cfg: LMRunConfig, tok: Tokenizer, model: nn.Module,
 def final_report(run_dir: Path, cfg: LMRunConfig, which: Literal["best", "latest"] = "best"
                  ) -> dict:
     """Score the whole held-out text with the best checkpoint, sample, write results.json."""
-    run = load(run_dir, which, families=names("lm"))
+    run = load(run_dir, which, families=names("lm"), device=cfg.train.device)
     model, tok = run.model, run.require_tokenizer(run_dir)
     _, val_docs = load_corpus(cfg.data)
     stream, chars = encode_documents(tok, val_docs), n_characters(val_docs)

@@ -106,7 +106,7 @@ def main(cfg: NTMCopyConfig, recipe: str = "ntm-copy") -> dict:
 
 def evaluate(run_dir: Path, cfg: NTMCopyConfig) -> dict:
     """Bit errors per length over the training lengths and at the longer lengths."""
-    model = load(run_dir, families=["ntm"]).model
+    model = load(run_dir, families=["ntm"], device=cfg.train.device).model
     d = cfg.data
     seen = range(d.min_len, d.max_len + 1)
     by_length = measure_sets(model, measure, eval_sets(_example(d), d, (*seen, *d.longer)))

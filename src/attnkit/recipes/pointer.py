@@ -116,7 +116,7 @@ def main(cfg: PointerSortConfig, recipe: str = "pointer-sort") -> dict:
 
 def evaluate(run_dir: Path, cfg: PointerSortConfig) -> dict:
     """Accuracy per length, then over the training lengths and over the longer ones."""
-    model = load(run_dir, families=["pointer"]).model
+    model = load(run_dir, families=["pointer"], device=cfg.train.device).model
     d = cfg.data
     by_length = measure_sets(model, measure,
                              eval_sets(_example(d), d, range(d.min_len, d.longest + 1)))

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from attnkit.accel import device_of
 from attnkit.data.batching import TokenBatches, eval_batches
 from attnkit.decoding import beam_search, greedy_search
 from attnkit.errors import ConfigError, UserError
@@ -118,7 +119,8 @@ def decode_texts(model: nn.Module, tok: Tokenizer, sources: Sequence[str], cfg: 
                         f"model's maximum is {limit}")
     outputs: list[str] = [""] * len(ids)
     pairs = [(s if s else [tok.unk_id], []) for s in ids]
-    for batch in eval_loop(eval_batches(pairs, cfg.batch_tokens), desc="decoding"):
+    for batch in eval_loop(eval_batches(pairs, cfg.batch_tokens), device_of(model),
+                           desc="decoding"):
         src_lens = (batch.src != tok.pad_id).sum(1).tolist()
         max_len = [min(limit, int(cfg.max_len_a * n + cfg.max_len_b)) for n in src_lens]
         if (method or cfg.method) == "greedy":
@@ -223,7 +225,7 @@ def entry_points(name: str, task: Callable[[Any], Task]
 
 def final_report(run_dir: Path, cfg: Seq2SeqConfig, task: Task, samples: int = 5) -> dict:
     """Decode every evaluation set with the configured search, print and save the results."""
-    run = load(run_dir, families=[cfg.model])
+    run = load(run_dir, families=[cfg.model], device=cfg.train.device)
     model, tok = run.model, run.require_tokenizer(run_dir)
     results, lines = {}, []
     for name, pairs in task.evals.items():

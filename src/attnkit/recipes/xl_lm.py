@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.accel import device_of
 from attnkit.config import unknown
 from attnkit.data.lm import LMData, encode_documents, n_characters, text_chunks
 from attnkit.data.lm import truncate_documents as truncate
@@ -113,7 +114,7 @@ def evaluate_bpc(model: TransformerXL, stream: torch.Tensor, seg_len: int, mem_l
     def forward(ids: torch.Tensor, mems: list[torch.Tensor] | None):
         out = model(ids, mems, mem_len=mem_len)
         return out.logits, out.mems
-    return score_segments(forward, stream, seg_len, batch_size, chars)
+    return score_segments(forward, stream.to(device_of(model)), seg_len, batch_size, chars)
 
 
 def _eval_settings(cfg: XLLMConfig, model: TransformerXL) -> tuple[int, int]:
@@ -178,7 +179,7 @@ def plot_spans(spans: list[list[float]], path: Path, max_span: int) -> None:
 
 def final_report(run_dir: Path, cfg: XLLMConfig) -> dict:
     """Held-out bpc with the training memory, the evaluation memory and none; spans."""
-    run = load(run_dir, families=[FAMILY])
+    run = load(run_dir, families=[FAMILY], device=cfg.train.device)
     model, tok = run.model, run.require_tokenizer(run_dir)
     _, val_docs = load_corpus(cfg.data)
     stream, chars = encode_documents(tok, val_docs), n_characters(val_docs)

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from attnkit.accel import device_of
 from attnkit.errors import UserError
 from attnkit.rundir import CHECKPOINTS, atomic_path, fsync_dir, save_torch_atomic
 
@@ -70,11 +71,12 @@ def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | 
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, device: torch.device | str = "cpu"
+                      ) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises several kinds for a damaged file
@@ -86,13 +88,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors checkpoint; when ``model`` is given, load it in (strict, shape-checked).
+    """Read a safetensors checkpoint; when ``model`` is given, load it in (strict, shape-checked)
+    with the tensors read straight onto the model's device (checkpoints hold CPU tensors).
 
     Raises :class:`UserError` for a missing, corrupt or truncated file, and for missing,
     unexpected or differently shaped tensors.
     """
     path = Path(path)
-    tensors = _read_safetensors(path)
+    tensors = _read_safetensors(path, "cpu" if model is None else device_of(_unwrap(model)))
     if model is not None:
         load_tensors(model, tensors, path)
     return tensors

@@ -58,6 +58,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     optim: OptimConfig = field(default_factory=OptimConfig)
     best_metric: str = ""  # e.g. "val_loss" or "bleu"; "" = no best checkpoint
     best_mode: Literal["min", "max"] = "min"

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from attnkit.errors import UserError
@@ -36,16 +37,18 @@ __all__ = ["AttentionGroup", "Capture", "Inputs", "View", "VIEWS", "Way", "captu
            "model_view", "neuron_view", "render", "rollout_view", "target_ids", "way_of"]
 
 
-def load(source: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a model object (tokenizer required) or a directory: an attnkit
-    run or a Hugging Face checkpoint (read by :func:`attnkit.load`)."""
+def load(source: Any, tokenizer: Any = None, device: str | torch.device = "cpu"
+         ) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a model object (tokenizer required; it stays where it is) or a
+    directory: an attnkit run or a Hugging Face checkpoint, read by :func:`attnkit.load` onto
+    ``device``. Captures run on the model's device and come back on the CPU."""
     if isinstance(source, nn.Module):
         if tokenizer is None and way_of(source).tokenizer:
             raise UserError("a model object needs its tokenizer")
         return source, tokenizer
     from attnkit.loading import load as load_any
 
-    loaded = load_any(source, reader="attnkit viz")
+    loaded = load_any(source, reader="attnkit viz", device=device)
     way = way_of(loaded.model)
     if tokenizer is None and way.tokenizer:
         tokenizer = loaded.require_tokenizer(source)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,14 @@ class AttentionGroup:
     def n_heads(self) -> int:
         return self.weights[0].size(0)
 
+    def to(self, device: torch.device | str) -> AttentionGroup:
+        """The same group with every tensor on ``device``."""
+        def move(ts: list[Tensor]) -> list[Tensor]:
+            return [t.to(device) for t in ts]
+        return replace(self, weights=move(self.weights), queries=move(self.queries),
+                       keys=move(self.keys), mask=None if self.mask is None
+                       else self.mask.to(device))
+
     def scores(self, layer: int) -> Tensor:
         """Pre-softmax scores (H, T, S) = q k^T * scale, -inf where masked (Vaswani eq. 1)."""
         if not self.queries:
@@ -69,6 +77,10 @@ class Capture:
 
     groups: dict[str, AttentionGroup]
     label: str = ""
+
+    def to(self, device: torch.device | str) -> Capture:
+        """The same capture with every tensor on ``device``."""
+        return Capture({k: g.to(device) for k, g in self.groups.items()}, self.label)
 
     def group(self, name: str) -> AttentionGroup:
         if name not in self.groups:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.accel import device_of
 from attnkit.errors import UserError
 from attnkit.viz.capture import (
     AttentionGroup,
@@ -63,13 +64,14 @@ def encode(model: nn.Module, tok: Any, text: str, target: str | None = None,
 
 
 def capture(model: nn.Module, inputs: Inputs) -> Capture:
-    """The attention of ``model`` on ``inputs`` (in eval mode, restored after)."""
+    """The attention of ``model`` on ``inputs`` (in eval mode, restored after), computed on the
+    model's device (the capture function's new tensors are made there) and returned on the CPU."""
     way = way_of(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            return way.capture(model, inputs)
+        with torch.no_grad(), device_of(model):
+            return way.capture(model, inputs).to("cpu")
     finally:
         model.train(was_training)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.accel import device_of
 from attnkit.errors import UserError
 from attnkit.models.bert import BertForPreTraining, BertModel, encoder_of
 from attnkit.viz.capture import Inputs
@@ -50,7 +51,7 @@ def target_ids(model: nn.Module, tok: Any, src: list[int], target: str | None) -
         from attnkit.decoding import greedy_search
 
         with torch.no_grad():
-            tgt = greedy_search(model.eval(), torch.tensor([src]),
+            tgt = greedy_search(model.eval(), torch.tensor([src], device=device_of(model)),
                                 min(limit, int(1.5 * len(src)) + 10), tok.bos_id, tok.eos_id)[0]
     return [tok.bos_id, *tgt[: limit - 1]]
 
