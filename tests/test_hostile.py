@@ -293,6 +293,17 @@ CASES: dict[str, list[str]] = {
     "viz-truncated-checkpoint": ["viz", "{lm_truncated}", "the", "-o", "out.html"],
     "viz-hf-escaping-shard": ["viz", "{hf_escape}", "the", "-o", "out.html"],
     "viz-hf-pickle-payload": ["viz", "{hf_evil}", "the", "-o", "out.html"],
+    "viz-absent-device": ["viz", "{lm}", "the", "-o", "out.html", "--device", "cuda:99"],
+    # devices
+    "generate-unknown-device": ["generate", "{lm}", "the", "--device", "gpu"],
+    "translate-meta-device": ["translate", "{copy}", "123", "--device", "meta"],
+    "eval-absent-device": ["eval", "{copy}", "--device", "cuda:99"],
+    # count
+    "count-unknown-family": ["count", "gtp2"],
+    "count-unknown-preset": ["count", "gpt2", "huge"],
+    "count-no-presets": ["count", "pointer"],
+    "count-bad-set": ["count", "gpt2", "xl", "--set", "vocab_size"],
+    "count-bad-value": ["count", "gpt2", "tiny", "--set", "n_heads=5"],
     # recipes
     "recipes-unknown": ["recipes", "--show", "trasnlate"],
     "recipes-bad-option": ["recipes", "--shwo", "lm"],

@@ -29,7 +29,8 @@ EPILOG = """examples:
   attnkit energy estimate --paper
   attnkit energy report runs/copy-20261124-101500 runs/copy-20261124-113000 --plot cost.png
   attnkit viz runs/translate-20261124-101500 "Ein Hund läuft." --view head -o head.html
-  attnkit generate models/gpt2 "The meaning of life is" --top-p 0.9 --seed 1
+  attnkit generate models/gpt2 "The meaning of life is" --top-p 0.9 --seed 1 --device cuda:1
+  attnkit count gpt2 xl
   attnkit viz models/bert-base-uncased "The cat sat." --pair "It was tired." --view model -o m.html
   attnkit train lm --set data.train=my.txt && attnkit export runs/lm-20261124-101500 models/mine
   attnkit download enwik8 && attnkit train xl-lm --set data.train=data/enwik8/train.txt ...

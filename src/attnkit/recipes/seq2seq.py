@@ -143,7 +143,7 @@ def make_evaluate(tok: Tokenizer, task: Task, cfg: Seq2SeqConfig, max_len: int) 
     def evaluate(model: nn.Module) -> dict[str, float]:
         model = dist.unwrap(model)
         total, n = 0.0, 0
-        for batch in eval_loop(batches):
+        for batch in eval_loop(batches, device_of(model)):
             loss, count = label_smoothed_nll(model(batch.src, batch.tgt_in).logits,
                                              batch.tgt_out, 0.0)
             total, n = total + loss.item(), n + count
