@@ -253,3 +253,14 @@ def test_count_prints_the_presets(capsys: pytest.CaptureFixture) -> None:
                            (["rnn", "bahdanau"], "builds a 'rnn-attention' model")):
         assert main(["count", *args]) == 2
         assert fragment in one_error_line(capsys.readouterr().err)
+
+
+def test_float64_tables_stay_on_the_cpu_under_a_default_device() -> None:
+    """viz captures run with the model's device as the default device; Transformer-XL's
+    relative table is computed in float64, which MPS lacks, so it is made on the CPU."""
+    from attnkit.nn.attention.relative import relative_table
+
+    expected = relative_table(6, 8)
+    with torch.device("meta"):
+        table = relative_table(6, 8)
+    assert table.device.type == "cpu" and torch.equal(table, expected)

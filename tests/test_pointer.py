@@ -231,6 +231,6 @@ def test_shared_length_sets_of_the_algorithmic_recipes():
     a, again = eval_set(example, d, 4), eval_set(example, d, 4)
     assert a.inputs.shape[:2] == (7, 4) and torch.equal(a.inputs, again.inputs)
     assert not torch.equal(eval_set(example, replace(d, seed=4), 4).inputs, a.inputs)
-    figures = measure_sets(None, lambda m, b: {"n": float(b.inputs.shape[1])},
-                           eval_sets(example, d, (2, 5)))
+    figures = measure_sets(torch.nn.Linear(1, 1), lambda m, b: {"n": float(b.inputs.shape[1])},
+                           eval_sets(example, d, (2, 5)))  # the sets go to the model's device
     assert figures == {2: {"n": 2.0}, 5: {"n": 5.0}}

@@ -289,5 +289,5 @@ def score(forward: Callable[[Tensor], Tensor] | nn.Module, batches: Sequence[LMB
     with torch.no_grad():
         for batch in eval_loop(batches, device):
             loss, n = token_nll(fn(batch.ids), batch.targets)
-            total, count = total + float(loss.double()), count + n
+            total, count = total + float(loss), count + n  # a Python float sum: MPS has no float64
     return NLLScore(total, count, n_chars)

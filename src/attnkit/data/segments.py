@@ -144,5 +144,5 @@ def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: i
             window = rows[:, start: start + seg_len + 1]
             logits, mems = forward(window[:, :-1], mems)
             loss, n = token_nll(logits, window[:, 1:])
-            nll, count = nll + float(loss.double()), count + n
+            nll, count = nll + float(loss), count + n  # a Python float sum: MPS has no float64
     return NLLScore(nll, count, chars * count / max(1, total_targets))

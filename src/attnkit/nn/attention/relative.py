@@ -45,10 +45,12 @@ from attnkit.nn.attention.persistent import PersistentMemory
 def relative_table(n: int, d_model: int, clamp_len: int = 0) -> Tensor:
     """R (n, C): row d = [sin(d w), cos(d w)] with w_f = 10000^(-2f/C), d clamped at clamp_len
     (0 = no clamp). The layout (sines then cosines) is Transformer-XL's."""
-    pos = torch.arange(n, dtype=torch.float64)
+    cpu = torch.device("cpu")  # float64 on the CPU whatever the default device (MPS has none)
+    pos = torch.arange(n, dtype=torch.float64, device=cpu)
     if clamp_len > 0:
         pos = pos.clamp(max=clamp_len)
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model))
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d_model, 2, dtype=torch.float64, device=cpu)
+                             / d_model))
     angle = pos[:, None] * inv[None, :]  # (n, C/2)
     return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
 
