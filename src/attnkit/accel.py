@@ -1,8 +1,9 @@
 """Where tensors live: the device a setting names, and the device a model is on.
 
 ``auto`` picks the first accelerator present: CUDA, then Apple's MPS, then the CPU. An explicit
-device (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``meta``) is taken as given when it exists here,
-and refused in one line (:class:`UserError`) when it does not.
+device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) is taken as given when it exists here, and
+refused in one line (:class:`UserError`) when it does not. The ``meta`` device holds no data, so
+nothing runs there: :func:`attnkit.models.build_on_meta` builds presets on it to size them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _mps_available() -> bool:
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """The device ``spec`` names: "auto" (CUDA, then MPS, then CPU), or "cpu", "cuda",
-    "cuda:N", "mps", "meta"; a one-line :class:`UserError` for one this machine lacks."""
+    "cuda:N", "mps"; a one-line :class:`UserError` for one this machine lacks."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     if not isinstance(spec, str) or not spec.strip():
@@ -52,8 +53,11 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             raise UserError(f"device {spec!r}: Apple MPS is not available on this machine "
                             "(use cpu or auto)")
         return torch.device("mps")
-    if device.type in ("cpu", "meta"):
-        return torch.device(device.type)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "meta":
+        raise UserError("the meta device holds no data, so nothing runs on it; use cpu, cuda or "
+                        "mps (attnkit count sizes presets on meta)")
     raise UserError(f"device {spec!r} is not supported (expected auto, cpu, cuda, cuda:N or mps)")
 
 

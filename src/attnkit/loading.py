@@ -53,9 +53,6 @@ def load(path: str | Path, which: Literal["best", "latest"] = "best", *,
     ``device`` ("cpu", "auto", "cuda:1", ...: :func:`attnkit.accel.resolve_device`); a run's
     weights are read straight onto it, whatever device trained them."""
     device = resolve_device(device)
-    if device.type == "meta":
-        raise UserError("the meta device holds no weights: load on cpu, cuda or mps "
-                        "(attnkit.models.build_on_meta sizes a preset without them)")
     path, allowed = Path(path), None if families is None else list(families)
     if not path.is_dir():
         missing = "" if path.exists() else "model directory not found: "
