@@ -227,6 +227,7 @@ def test_building_gpt2_xl_on_meta_allocates_nothing() -> None:
     code = ("import resource, sys\n"
             "from attnkit.models import build_on_meta\n"
             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "build_on_meta('gpt2', 'tiny')  # the imports a first build makes (~75 MiB)\n"
             "before = peak()\n"
             "n = sum(p.numel() for p in build_on_meta('gpt2', 'xl').parameters())\n"
             "print(n, (peak() - before) * (1 if sys.platform == 'darwin' else 1024))")
@@ -234,7 +235,7 @@ def test_building_gpt2_xl_on_meta_allocates_nothing() -> None:
                          text=True, env={"PYTHONPATH": str(SRC)}).stdout.split()
     n, grown = int(out[0]), int(out[1])
     assert n == 1_557_611_200  # 6.2 GB in fp32 had it been allocated
-    assert grown < 64 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    assert grown < 16 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB"  # 2 MiB measured
 
 
 def test_count_prints_the_presets(capsys: pytest.CaptureFixture) -> None:
