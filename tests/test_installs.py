@@ -8,10 +8,10 @@ These tests import no mathematics-dataset, so `make test-numpy2` runs them too.
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 
 from attnkit.cli import main
