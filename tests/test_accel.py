@@ -290,3 +290,15 @@ def test_gradient_checkpointing_needs_blocks(tmp_path):
     with pytest.raises(ConfigError, match="no blocks"):
         fit(model, lambda m, b: (m(b).sum(), 1), LMWindows(STREAM, 4, 2),
             _cfg("cpu", "fp32", gradient_checkpointing=True), tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    """``compile=True`` trains the torch.compile'd model: the losses of 4 steps equal eager
+    ones to float32 rounding (the compiler may fuse and reorder sums)."""
+    _, eager = _train(tmp_path, "eager", _cfg("cpu", "fp32", steps=4))
+    compiled_models, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: compiled_models.append(m) or compile(m))
+    _, compiled = _train(tmp_path, "compiled", _cfg("cpu", "fp32", steps=4, compile=True))
+    assert len(compiled_models) == 1
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
