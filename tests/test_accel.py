@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -113,16 +114,19 @@ def test_to_device_moves_tensors_and_keeps_other_objects():
         extra: dict
         reset: bool = False
         carry: Carry = dataclasses.field(default_factory=Carry)
+        index: torch.Tensor | None = None
+        on_host: ClassVar[tuple[str, ...]] = ("index",)  # bookkeeping read on the host
 
     pair = collections.namedtuple("Pair", "a b")
     carry = Carry([torch.ones(2)])
     batch = Batch(torch.ones(2, 3), {"m": [torch.zeros(1)], "p": pair(torch.ones(1), 3)},
-                  True, carry)
+                  True, carry, torch.arange(2))
     meta = torch.device("meta")  # a device every machine has: shows what moves
     moved = accel.to_device(batch, meta)
     assert moved.ids.is_meta and moved.extra["m"][0].is_meta and moved.extra["p"].a.is_meta
     assert isinstance(moved.extra["p"], pair) and moved.extra["p"].b == 3
     assert moved.reset is True and moved.carry is carry  # the memory carry is shared, not copied
+    assert not moved.index.is_meta  # on_host
     assert not carry.mems[0].is_meta and batch.ids.device.type == "cpu"  # the input is untouched
 
 

@@ -101,11 +101,13 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
+def to_device(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
     """``batch`` with every tensor on ``device``: tensors, dicts, lists, tuples and named tuples
-    are rebuilt; a dataclass is copied with its tensor and container fields moved, while other
-    fields (e.g. a Transformer-XL memory carry) stay the same objects. CPU tensors bound for a
-    CUDA GPU are pinned and copied without blocking."""
+    are rebuilt; a dataclass is copied with its tensor and container fields moved, except those
+    its ``on_host`` names (bookkeeping read on the host), while other fields (e.g. a
+    Transformer-XL memory carry) stay the same objects. CPU tensors bound for a CUDA GPU are
+    pinned and copied without blocking."""
+    device = torch.device(device)
     if isinstance(batch, torch.Tensor):
         if batch.device == device:
             return batch
@@ -120,7 +122,8 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> An
         return type(batch)(to_device(v, device, non_blocking) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         moved = {f.name: to_device(getattr(batch, f.name), device, non_blocking)
-                 for f in dataclasses.fields(batch) if f.init
+                 for f in dataclasses.fields(batch)
+                 if f.init and f.name not in getattr(batch, "on_host", ())
                  and isinstance(getattr(batch, f.name), (torch.Tensor, dict, list, tuple))}
         return dataclasses.replace(batch, **moved)
     return batch
