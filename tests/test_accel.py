@@ -86,6 +86,14 @@ def test_resolve_device_and_precision(monkeypatch):
     assert accel.resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(UserError, match="torch sees 2 CUDA GPUs"):
         accel.resolve_device("cuda:2")
+    gpu = torch.device("cuda", 0)  # auto precision: bf16 where the GPU has it natively
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: False)
+    assert accel.resolve_precision("auto", gpu) == "fp32"
+    with pytest.raises(UserError, match="V100.* does not support bf16; use precision=fp16"):
+        accel.resolve_precision("bf16", gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    assert accel.resolve_precision("auto", gpu) == "bf16"
 
 
 def test_config_refuses_bad_device_and_precision():

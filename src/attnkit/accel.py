@@ -78,7 +78,8 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     CUDA GPU that supports it, else fp32). UserError for bf16 on a GPU without it."""
     if spec != "auto" and spec not in PRECISIONS:
         raise unknown("precision", spec, ("auto", *PRECISIONS))
-    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # native bf16 only (compute capability 8.0+): an emulated one (V100, T4) is slower than fp32
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if spec == "auto":
         return "bf16" if bf16_gpu else "fp32"
     if spec == "bf16" and device.type == "cuda" and not bf16_gpu:

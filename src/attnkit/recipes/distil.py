@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit import accel
 from attnkit.data.mlm import (
     MaskConfig,
     Masker,
@@ -178,7 +179,7 @@ def make_loss(teacher: nn.Module, cfg: DistilConfig):
 def hidden_cosine(a: nn.Module, b: nn.Module, batches: list[MLMBatch]) -> float:
     """Mean cosine between two encoders' last hidden states over real tokens."""
     total, n = 0.0, 0
-    for batch in eval_loop(batches, desc="cosine"):
+    for batch in eval_loop(batches, next(a.parameters()).device, desc="cosine"):
         ha = encoder_of(a)(batch.ids, attention_mask=batch.attention_mask).last_hidden_state
         hb = encoder_of(b)(batch.ids, attention_mask=batch.attention_mask).last_hidden_state
         real = batch.attention_mask.bool()
@@ -200,6 +201,9 @@ def inference_seconds(models: dict[str, nn.Module], batches: list[MLMBatch], rep
                       ) -> dict[str, float]:
     """Median seconds per pass of each encoder over ``batches``, the models interleaved."""
     times: dict[str, list[float]] = {k: [] for k in models}
+    device = next(next(iter(models.values())).parameters()).device
+    batches = [batch.to(device) for batch in batches]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for m in models.values():
         m.eval()
         encoder_of(m)(batches[0].ids, attention_mask=batches[0].attention_mask)  # warm-up
@@ -208,6 +212,7 @@ def inference_seconds(models: dict[str, nn.Module], batches: list[MLMBatch], rep
             start = time.perf_counter()
             for batch in batches:
                 encoder_of(m)(batch.ids, attention_mask=batch.attention_mask)
+            sync()  # a GPU runs ahead of the host: time the work, not the launches
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -285,7 +290,7 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
     cfg = with_data_default(cfg)
     loaded = load(cfg.teacher, families=ENCODERS)
     teacher, tok = loaded.model, loaded.require_tokenizer(cfg.teacher)
-    teacher.eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False).to(accel.resolve_device(cfg.train.device))
     arch = encoder_of(teacher).arch
     if cfg.max_len > arch.max_tokens:
         raise UserError(f"max_len {cfg.max_len} exceeds the teacher's {arch.max_tokens}")
@@ -307,7 +312,7 @@ def main(cfg: DistilConfig, recipe: str = "distil") -> dict:
 
 def final_report(run_dir: Path, cfg: DistilConfig, teacher: nn.Module,
                  val: list[MLMBatch]) -> dict:
-    student = load(run_dir, families=["distilbert"]).model
+    student = load(run_dir, families=["distilbert"]).model.to(next(teacher.parameters()).device)
     res = compare(teacher, student, val, cfg.speed_repeats)
     if cfg.downstream.data.train:
         res["downstream"] = run_downstream(cfg, run_dir)

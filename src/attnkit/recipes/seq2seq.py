@@ -118,7 +118,8 @@ def decode_texts(model: nn.Module, tok: Tokenizer, sources: Sequence[str], cfg: 
                         f"model's maximum is {limit}")
     outputs: list[str] = [""] * len(ids)
     pairs = [(s if s else [tok.unk_id], []) for s in ids]
-    for batch in eval_loop(eval_batches(pairs, cfg.batch_tokens), desc="decoding"):
+    device = next(model.parameters()).device
+    for batch in eval_loop(eval_batches(pairs, cfg.batch_tokens), device, desc="decoding"):
         src_lens = (batch.src != tok.pad_id).sum(1).tolist()
         max_len = [min(limit, int(cfg.max_len_a * n + cfg.max_len_b)) for n in src_lens]
         if (method or cfg.method) == "greedy":
@@ -141,7 +142,7 @@ def make_evaluate(tok: Tokenizer, task: Task, cfg: Seq2SeqConfig, max_len: int) 
     def evaluate(model: nn.Module) -> dict[str, float]:
         model = dist.unwrap(model)
         total, n = 0.0, 0
-        for batch in eval_loop(batches):
+        for batch in eval_loop(batches, next(model.parameters()).device):
             loss, count = label_smoothed_nll(model(batch.src, batch.tgt_in).logits,
                                              batch.tgt_out, 0.0)
             total, n = total + loss.item(), n + count

@@ -115,7 +115,8 @@ def evaluate_bpc(model: TransformerXL, stream: torch.Tensor, seg_len: int, mem_l
     def forward(ids: torch.Tensor, mems: list[torch.Tensor] | None):
         out = model(ids, mems, mem_len=mem_len)
         return out.logits, out.mems
-    return score_segments(forward, stream, seg_len, batch_size, chars)
+    return score_segments(forward, stream, seg_len, batch_size, chars,
+                          next(model.parameters()).device)
 
 
 def _eval_settings(cfg: XLLMConfig, model: TransformerXL) -> tuple[int, int]:
