@@ -79,9 +79,7 @@ def eval_sets(example: Example, d: Any, lengths: Iterable[int]) -> dict[int, Ten
 def measure_sets(model: nn.Module, measure: Measure, sets: dict[int, TensorBatch]
                  ) -> dict[int, dict[str, float]]:
     """``measure`` on each length's set (a progress bar on a terminal when it is slow)."""
-    device = next(model.parameters()).device
-    return {n: measure(model, sets[n].to(device))
-            for n in eval_loop(list(sets), desc="lengths")}
+    return {n: measure(model, sets[n]) for n in eval_loop(list(sets), desc="lengths")}
 
 
 def make_evaluate(measure: Measure, example: Example, d: Any, names: dict[str, str]
