@@ -127,7 +127,7 @@ Forward = Callable[[Tensor, list[Tensor] | None], tuple[Tensor, list[Tensor]]]
 
 
 def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: int = 1,
-                   chars: int | None = None) -> NLLScore:
+                   chars: int | None = None, device: torch.device | str = "cpu") -> NLLScore:
     """Score every target of ``batch_size`` contiguous rows of ``stream``, segment by segment,
     carrying the memory: ``forward(ids (B, t), mems) -> (logits (B, t, V), new mems)``.
 
@@ -135,7 +135,7 @@ def score_segments(forward: Forward, stream: Tensor, seg_len: int, batch_size: i
     several rows the dropped tail and row starts are not scored, and the characters are
     counted in proportion. Gradients are not kept.
     """
-    rows = stream_rows(stream.long(), batch_size)
+    rows = stream_rows(stream.long(), batch_size).to(device)  # the model's device
     total_targets = len(stream) - 1
     chars = total_targets if chars is None else chars
     nll, count, mems = 0.0, 0, None

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attnkit.accel import to_device
 from attnkit.errors import UserError
 
 
@@ -45,9 +46,8 @@ class RowBatch:
                 if isinstance(v := getattr(self, f.name), Tensor)}
 
     def to(self, device: torch.device | str) -> Self:
-        """The batch with its tensors (but ``on_host``) on ``device``."""
-        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()
-                                if k not in self.on_host})
+        """The batch with its tensors (but ``on_host``) on ``device`` (:func:`to_device`)."""
+        return to_device(self, device)
 
     def __len__(self) -> int:
         return next(iter(self._tensors().values())).shape[0]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from attnkit.nn.attention.multihead import MHAOutput, MultiHeadAttention, Packing
 from attnkit.nn.cache import KVCache
+from attnkit.nn.checkpointing import CheckpointableBlock
 
 
 class Residual(nn.Module):
@@ -41,7 +42,7 @@ class BlockOutput:
     cross_weights: Tensor | None = None
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(CheckpointableBlock):
     """Self-attention then feed-forward (an encoder layer, or a GPT layer with ``causal``)."""
 
     def __init__(self, self_attn: MultiHeadAttention, ffn: nn.Module, d_model: int,
@@ -67,7 +68,7 @@ class EncoderBlock(nn.Module):
         return BlockOutput(self.ffn_res(x, self.ffn), box[0].weights)
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(CheckpointableBlock):
     """Masked self-attention, cross-attention over the encoder memory, feed-forward."""
 
     def __init__(self, self_attn: MultiHeadAttention, cross_attn: MultiHeadAttention,

@@ -76,6 +76,7 @@ def loss_fn(tau: float) -> Callable[[nn.Module, TensorBatch], tuple[Tensor, int]
 
 
 def measure(model: nn.Module, batch: TensorBatch) -> dict[str, float]:
+    batch = batch.to(next(model.parameters()).device)
     logits, _, steps = model(batch.inputs)
     right = ((logits > 0).float() == batch.targets).float()
     loss = F.binary_cross_entropy_with_logits(logits, batch.targets)

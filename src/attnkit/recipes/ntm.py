@@ -91,6 +91,7 @@ def loss_fn(model: nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, int]:
 
 def measure(model: NTM, batch: TensorBatch) -> dict[str, float]:
     """Bit errors per sequence, share copied exactly, loss per bit."""
+    batch = batch.to(next(model.parameters()).device)
     logits = model(batch.inputs).logits
     errors = bit_errors(logits, batch.targets).float()
     loss, n = copy_loss(logits, batch.targets)

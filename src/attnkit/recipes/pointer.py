@@ -102,6 +102,7 @@ def loss_fn(model: nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, int]:
 
 def measure(model: PointerNet, batch: TensorBatch) -> dict[str, float]:
     """Exact and per-position accuracy, constrained and free greedy decoding, and the loss."""
+    batch = batch.to(next(model.parameters()).device)
     loss, n = pointer_loss(model(batch.inputs, batch.targets), batch.targets)
     masked = sort_accuracy(batch.inputs, model.greedy(batch.inputs, mask_chosen=True))
     free = sort_accuracy(batch.inputs, model.greedy(batch.inputs, mask_chosen=False))

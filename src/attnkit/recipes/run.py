@@ -28,7 +28,7 @@ def setup_run(recipe: str, cfg: Any, create: Callable[[Path], tuple[Any, nn.Modu
     by ``cfg.train.seed``; rank 0 records the model (its family and config, plus
     ``extra(model)``) in config.json. Under torchrun rank 0 creates first and the others read
     what it wrote."""
-    rank, _ = dist.init_distributed()
+    rank, _ = dist.init_distributed(cfg.train.device)  # a missing device fails here, first
     run_dir: Path | None = None
     if rank == 0:
         run_dir = prepare_run_dir(recipe, cfg)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnkit.accel import device_of
+from attnkit import accel
 from attnkit.config import unknown
 from attnkit.data.lm import LMData, encode_documents, n_characters, text_chunks
 from attnkit.data.lm import truncate_documents as truncate
@@ -98,7 +98,8 @@ def xl_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
     """Summed NLL of a segment continuing the carried memory (+ span penalty x tokens)."""
     raw = dist.unwrap(model)
     raw.clamp_spans_()
-    mems = None if batch.reset else batch.carry.mems
+    # the memory lives on the model's device; a resumed one comes back from the CPU once
+    mems = None if batch.reset else accel.to_device(batch.carry.mems, batch.ids.device)
     out = model(batch.ids, mems)
     batch.carry.mems = out.mems
     loss, n = token_nll(out.logits, batch.targets)
@@ -114,7 +115,8 @@ def evaluate_bpc(model: TransformerXL, stream: torch.Tensor, seg_len: int, mem_l
     def forward(ids: torch.Tensor, mems: list[torch.Tensor] | None):
         out = model(ids, mems, mem_len=mem_len)
         return out.logits, out.mems
-    return score_segments(forward, stream.to(device_of(model)), seg_len, batch_size, chars)
+    return score_segments(forward, stream, seg_len, batch_size, chars,
+                          accel.device_of(model))
 
 
 def _eval_settings(cfg: XLLMConfig, model: TransformerXL) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """Data parallelism on ``torch.distributed``: process-group setup, DDP wrapping, reductions.
 
 Launch with ``torchrun --nproc-per-node N ...``: torchrun sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`init_distributed` reads them and joins the group (gloo on CPU, NCCL on
-CUDA). Run without torchrun, everything here degrades to a single process (rank 0 of 1).
+``LOCAL_RANK``; :func:`init_distributed` reads them and joins the group (NCCL when training
+on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo otherwise). Run without torchrun, everything
+here degrades to a single process (rank 0 of 1).
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ def _env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(device: str = "auto") -> tuple[int, int]:
     """Join the process group torchrun describes; return ``(rank, world)``.
 
-    Idempotent. Returns ``(0, 1)`` when not launched by torchrun (no ``WORLD_SIZE`` > 1).
+    ``device`` is the training device's setting (:func:`attnkit.accel.resolve_device`; a device
+    that is not there is a UserError, also in a single process). Idempotent. Returns
+    ``(0, 1)`` when not launched by torchrun (no ``WORLD_SIZE`` > 1).
     """
+    from attnkit.accel import resolve_device
+
+    resolved = resolve_device(device)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if _env_world() <= 1 or not dist.is_available():
         return 0, 1
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
@@ -71,9 +77,9 @@ def wrap_ddp(model: nn.Module) -> nn.Module:
     """
     if world_size() <= 1 or isinstance(model, DistributedDataParallel):
         return model
-    if torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        return DistributedDataParallel(model, device_ids=[device], output_device=device)
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type == "cuda":
+        return DistributedDataParallel(model, device_ids=[p.device], output_device=p.device)
     return DistributedDataParallel(model)
 
 

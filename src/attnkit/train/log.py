@@ -1,7 +1,9 @@
 """Training logs: JSON lines, optional TensorBoard, a tqdm progress bar and the loss plot.
 
 ``run_dir/metrics.jsonl`` holds one JSON object per line, either a training record
-``{"step", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed"}`` or an evaluation record
+``{"step", "loss", "lr", "tokens_per_s", "peak_memory_gib", "grad_norm", "elapsed"}`` (plus
+``"mfu"`` where the device's peak FLOP/s is known, ``"loss_scale"`` and ``"skipped_steps"`` in
+fp16) or an evaluation record
 ``{"step", "eval": {...}}``. Only rank 0 writes. Every line is standard JSON: a non-finite
 number (NaN, infinity) is written as ``null``.
 """
@@ -86,14 +88,18 @@ class RunLog:
 
 
 class Progress:
-    """A tqdm bar over optimiser steps showing loss, lr and tokens/s (silent when disabled)."""
+    """A tqdm bar over optimiser steps showing loss, lr, tokens/s, peak memory and MFU (silent
+    when disabled)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = progress_bar(total=total, initial=initial, disable=not enabled, unit="step")
 
-    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
-                             refresh=False)
+    def update(self, loss: float, lr: float, speed: dict[str, float]) -> None:
+        """``speed``: ``tokens_per_s``, ``peak_memory_gib`` and maybe ``mfu``."""
+        extra = {"mfu": f"{speed['mfu']:.2f}"} if "mfu" in speed else {}
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                             tok_s=f"{speed['tokens_per_s']:.0f}",
+                             mem=f"{speed['peak_memory_gib']:.2f}G", **extra, refresh=False)
         self.bar.update(1)
 
     def write(self, message: str) -> None:

@@ -6,8 +6,15 @@ the accumulated gradient by the total token count over all micro-batches and all
 update is the same whether a batch is split into micro-batches, data-parallel shards, or
 neither. Then: gradient clipping by global norm, the optimiser and scheduler steps, logging,
 evaluation and checkpoints. Resuming from a checkpoint restores weights, optimiser, schedule,
-RNG states and the data position, so a resumed run ends bitwise equal to an uninterrupted one;
-a newest checkpoint that is damaged is skipped (with a note) for the newest whole one.
+RNG states (the device's too), the fp16 loss scale and the data position, so a resumed run
+ends bitwise equal to an uninterrupted one; a newest checkpoint that is damaged is skipped (with
+a note) for the newest whole one.
+
+Devices and precision (:mod:`attnkit.accel`): the model moves to ``cfg.device`` and stays fp32
+(so do the optimiser state and the checkpoints); every batch follows it (pinned, non-blocking
+on CUDA); forward passes (training and evaluation) run under autocast in ``cfg.precision``,
+losses in fp32; fp16 scales the loss (``torch.amp.GradScaler``) and skips the update of a step
+whose gradients overflowed, halving the scale.
 
 SIGINT or SIGTERM (Ctrl-C) finishes the current step, writes a checkpoint and raises
 :class:`attnkit.errors.Interrupted`. A non-finite loss or gradient norm stops training with a
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import signal
 import sys
 import threading
@@ -32,10 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnkit import accel
 from attnkit.config import to_dict
 from attnkit.energy.account import RunEnergy
 from attnkit.energy.config import EnergyConfig
 from attnkit.errors import ConfigError, Interrupted, UserError
+from attnkit.nn.checkpointing import set_gradient_checkpointing
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import latest_checkpoint, load_latest, load_tensors, save_checkpoint
 from attnkit.train.log import Progress, RunLog, plot_loss
@@ -58,13 +68,23 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
-    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     optim: OptimConfig = field(default_factory=OptimConfig)
     best_metric: str = ""  # e.g. "val_loss" or "bleu"; "" = no best checkpoint
     best_mode: Literal["min", "max"] = "min"
     energy: EnergyConfig = field(default_factory=EnergyConfig)  # energy.json (docs/energy.md)
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 on GPUs with it, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the model (torchtune's name; no gain on small CPUs)
+    gradient_checkpointing: bool = False  # recompute block activations in backward (transformers)
 
     def __post_init__(self) -> None:
+        device = str(self.device).lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got "
+                              f"{self.device!r}")
+        if self.precision not in ("auto", *accel.PRECISIONS):
+            from attnkit.config import unknown
+            raise unknown("train.precision", self.precision, ("auto", *accel.PRECISIONS))
         for name in ("steps", "accum_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -97,8 +117,9 @@ class TrainResult:
 
 # ---- RNG states as plain data (torch.load(weights_only=True) accepts them) -------------------
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states as tensors, numbers and strings."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch and (for a CUDA or MPS ``device``) that device's generator states
+    as tensors, numbers and strings."""
     version, internal, gauss = random.getstate()
     key, mt, pos, has_gauss, cached = np.random.get_state()
     state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
@@ -106,21 +127,25 @@ def rng_state() -> dict[str, Any]:
              "numpy": {"key": key, "state": torch.from_numpy(mt.astype(np.int64)), "pos": pos,
                        "has_gauss": has_gauss, "cached": cached},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device is not None and device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Inverse of :func:`rng_state` (a device state is restored onto ``device``)."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state((npy["key"], npy["state"].numpy().astype(np.uint32), npy["pos"],
                          npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "mps" in state and device is not None and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def seed_everything(seed: int) -> None:
@@ -157,6 +182,9 @@ class _Run:
     batches: Any
     rank: int
     world: int
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16 (resolved)
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
@@ -168,6 +196,8 @@ class _Run:
     checkpoint_energy: dict | None = None  # the energy totals a resumed checkpoint holds
     signal: int = 0  # the first SIGINT / SIGTERM received on this rank (0: none)
     stop: bool = False  # some rank received one: every rank stops after this step
+    flops: float = 0.0  # training FLOPs per token (accel.flops_per_token), from the first batch
+    skipped: int = 0  # fp16 steps whose update the scaler skipped (overflow), this segment
 
     def state(self, rngs: list, data: list | None = None) -> dict[str, Any]:
         """The resumable state; ``data``: every rank's stream state when they differ (a
@@ -176,7 +206,7 @@ class _Run:
                  "best": self.best, "metrics": dict(self.metrics), "rng": rngs,
                  "energy": self.energy.state() if self.energy is not None else {},
                  "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "data": self.batches.state_dict(), "config": to_dict(self.cfg)}
         if data and len(data) > 1:
             state["data_per_rank"] = data
@@ -205,8 +235,10 @@ def _restore(run: _Run, resume: bool) -> str | None:
         per_rank = state.get("data_per_rank") or []
         run.batches.load_state_dict(per_rank[run.rank] if len(per_rank) == run.world
                                     else state["data"])
+        if state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
-        set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0])
+        set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0], run.device)
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state["elapsed"]
         run.best, run.metrics = state["best"], dict(state["metrics"])
         run.checkpoint_energy = state.get("energy")
@@ -218,11 +250,6 @@ def _restore(run: _Run, resume: bool) -> str | None:
     return str(path)
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _train_step(run: _Run, loss_fn: LossFn, it: Iterator) -> tuple[float, float, int, float]:
     """One optimiser step; returns (global loss sum, global token count, tokens seen, grad norm).
 
@@ -231,17 +258,19 @@ def _train_step(run: _Run, loss_fn: LossFn, it: Iterator) -> tuple[float, float,
     """
     micro = [next(it) for _ in range(run.cfg.accum_steps)]
     seen = sum(int(b.n_tokens) for b in micro)
-    device = _device(run.raw)
+    if not run.flops:
+        run.flops = _flops_per_token(run.raw, micro[0])
     local = torch.zeros(3, dtype=torch.float64)  # (loss sum, token count, signal) on this rank
     for i, batch in enumerate(micro):
         if run.world > 1:
             batch = batch.shard(run.rank, run.world)
-        batch = batch.to(device)
+        batch = accel.to_device(batch, run.device)
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last or run.world == 1 else run.model.no_sync()
         with sync:
-            loss_sum, n = loss_fn(run.model, batch)
-            loss_sum.backward()
+            with accel.autocast(run.device, run.precision):
+                loss_sum, n = loss_fn(run.model, batch)
+            run.scaler.scale(loss_sum).backward()
         local[:2] += torch.tensor([loss_sum.detach().double().item(), float(n)],
                                   dtype=torch.float64)
     local[2] = float(run.signal > 0)
@@ -249,6 +278,7 @@ def _train_step(run: _Run, loss_fn: LossFn, it: Iterator) -> tuple[float, float,
     run.stop = run.stop or total[2].item() > 0
     if not math.isfinite(total[0].item()):
         raise _diverged(run, "loss", total[0].item())
+    run.scaler.unscale_(run.optimizer)  # fp16: true gradients (inf/NaN where they overflowed)
     scale = run.world / max(total[1].item(), 1.0)
     params = [p for p in run.raw.parameters() if p.grad is not None]
     for p in params:
@@ -256,10 +286,25 @@ def _train_step(run: _Run, loss_fn: LossFn, it: Iterator) -> tuple[float, float,
     clip = run.cfg.clip_norm if run.cfg.clip_norm > 0 else math.inf  # inf: norm only, grads x1
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item() if params else 0.0
     if not math.isfinite(grad_norm):
-        raise _diverged(run, "gradient norm", grad_norm)
-    run.optimizer.step()
+        if not run.scaler.is_enabled():
+            raise _diverged(run, "gradient norm", grad_norm)
+        run.skipped += 1  # fp16 overflow: the scaler skips this update and halves its scale
+    run.scaler.step(run.optimizer)  # optimizer.step() unless fp16 gradients overflowed
+    run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return total[0].item(), total[1].item(), seen, grad_norm
+
+
+def _flops_per_token(model: nn.Module, batch: Any) -> float:
+    """Training FLOPs per token (:func:`attnkit.accel.flops_per_token`) with T the longest
+    sequence dimension (dim 1) of the batch's 2-D tensors."""
+    fields = vars(batch).values() if hasattr(batch, "__dict__") else (
+        batch.values() if isinstance(batch, dict) else ())
+    seq = max((t.size(1) for t in fields if isinstance(t, torch.Tensor) and t.dim() >= 2),
+              default=0)
+    layers, width = accel.attention_layers(model)
+    return accel.flops_per_token(accel.matmul_params(model), layers, width // max(layers, 1),
+                                 seq)
 
 
 def _diverged(run: _Run, what: str, value: float) -> UserError:
@@ -300,12 +345,12 @@ def _evaluate(run: _Run, evaluate: EvalFn, log: RunLog) -> None:
     run.last_eval = run.step
     if run.rank != 0:
         return
-    saved = rng_state()  # evaluation (e.g. sampling) must not change the training randomness
+    saved = rng_state(run.device)  # evaluation (e.g. sampling) must not change training's RNG
     run.raw.eval()
-    with torch.no_grad():
+    with torch.no_grad(), accel.autocast(run.device, run.precision):
         metrics = {k: float(v) for k, v in evaluate(run.raw).items()}
     run.raw.train()
-    set_rng_state(saved)
+    set_rng_state(saved, run.device)
     run.metrics.update(metrics)
     log.write({"step": run.step, "eval": metrics})
     key = run.cfg.best_metric
@@ -319,14 +364,14 @@ def _evaluate(run: _Run, evaluate: EvalFn, log: RunLog) -> None:
                                   else value > run.best)
     if better:
         run.best = value
-        save_checkpoint(run.run_dir, run.step, run.raw, run.state([rng_state()]),
+        save_checkpoint(run.run_dir, run.step, run.raw, run.state([rng_state(run.device)]),
                         run.cfg.keep_last, tag="best")
 
 
 def _save(run: _Run) -> None:
     """Every rank contributes its RNG state and, when it keeps one of its own (memory), its
     stream state; rank 0 writes the checkpoint."""
-    rngs = dist.all_gather_object(rng_state())
+    rngs = dist.all_gather_object(rng_state(run.device))
     data = (dist.all_gather_object(run.batches.state_dict())
             if getattr(run.batches, "per_rank_state", False) and run.world > 1 else None)
     run.energy.update(run.step, run.tokens, run.metrics)  # energy.json, then the checkpoint
@@ -334,6 +379,24 @@ def _save(run: _Run) -> None:
         save_checkpoint(run.run_dir, run.step, run.raw, run.state(rngs, data),
                         run.cfg.keep_last)
     run.last_save = run.step
+
+
+def _speed(run: _Run, tokens_per_s: float) -> dict[str, float]:
+    """tokens/s (all ranks), this device's peak memory (GiB; CPU: the process's maximum RSS)
+    and, where the device's peak FLOP/s is known (:data:`attnkit.accel.PEAK_TFLOPS`), MFU."""
+    out = {"tokens_per_s": tokens_per_s,
+           "peak_memory_gib": accel.peak_memory(run.device) / 2**30}
+    peak = accel.peak_flops(run.device, run.precision)
+    if peak and run.flops:
+        out["mfu"] = accel.mfu(run.flops, tokens_per_s / run.world, peak)
+    return out
+
+
+def _scaler_record(run: _Run) -> dict[str, float]:
+    """fp16 only: the loss scale and the updates skipped for overflow in this segment."""
+    if not run.scaler.is_enabled():
+        return {}
+    return {"loss_scale": float(run.scaler.get_scale()), "skipped_steps": run.skipped}
 
 
 def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
@@ -352,13 +415,13 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
         run.elapsed = time.perf_counter() - start
         window = [window[0] + loss_sum, window[1] + count, window[2] + seen, window[3]]
         now = time.perf_counter()
-        bar.update(loss_sum / max(count, 1.0), lr, window[2] / max(now - window[3], 1e-9))
+        speed = _speed(run, window[2] / max(now - window[3], 1e-9))
+        bar.update(loss_sum / max(count, 1.0), lr, speed)
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             loss = window[0] / max(window[1], 1.0)
             run.metrics["loss"] = loss
-            log.write({"step": run.step, "loss": loss, "lr": lr,
-                       "tokens_per_s": window[2] / max(now - window[3], 1e-9),
-                       "grad_norm": grad_norm, "elapsed": run.elapsed})
+            log.write({"step": run.step, "loss": loss, "lr": lr, **speed,
+                       "grad_norm": grad_norm, "elapsed": run.elapsed, **_scaler_record(run)})
             window = [0.0, 0.0, 0, now]
             run.energy.tick(run.step, run.tokens, run.metrics)
         if evaluate is not None and (
@@ -372,15 +435,29 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
             raise Interrupted(str(run.run_dir), run.step, run.signal or signal.SIGTERM)
 
 
+def _place(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
+    """``model`` on ``device``, half-precision parameters made fp32 (the master weights the
+    optimiser updates and checkpoints keep), activation checkpointing switched on if asked."""
+    model.to(device)
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing and not set_gradient_checkpointing(model):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} has no blocks "
+                          "that can be checkpointed (attnkit's encoder and decoder blocks)")
+    return model
+
+
 def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
         run_dir: str | Path, evaluate: EvalFn | None = None, resume: bool = True,
         progress: bool = True) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimiser steps; see the module docstring.
 
     ``loss_fn(model, batch) -> (sum of token losses, token count)`` for one micro-batch.
-    ``batches`` is an endless iterable of batches (``.to(device)``, ``.shard(rank, world)``,
-    ``.n_tokens``) with ``state_dict()`` / ``load_state_dict()``: its state must name the next
-    batch ``iter(batches)`` yields, and hold only tensors, numbers, strings, lists and dicts.
+    ``batches`` is an endless iterable of batches (moved by :func:`attnkit.accel.to_device`,
+    with ``.shard(rank, world)`` and ``.n_tokens``) with ``state_dict()`` /
+    ``load_state_dict()``: its state must name the next batch ``iter(batches)`` yields, and
+    hold only tensors, numbers, strings, lists and dicts.
     Under torchrun every rank reads the whole stream and trains on its shard of each batch; a
     stream whose state differs between ranks (``per_rank_state = True``, e.g. a segment memory)
     has every rank's state saved and restored.
@@ -391,13 +468,16 @@ def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
     if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
         raise TypeError("fit needs a resumable batch stream (state_dict / load_state_dict), got "
                         f"{type(batches).__name__}")
-    rank, world = dist.init_distributed()
+    rank, world = dist.init_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    raw = dist.unwrap(model)
-    optimizer = build_optimizer(raw, cfg.optim)
+    device = accel.resolve_device(cfg.device)
+    precision = accel.resolve_precision(cfg.precision, device)
+    raw = _place(dist.unwrap(model), device, cfg)
+    optimizer = build_optimizer(raw, cfg.optim)  # after the move: fused kernels per device
     run = _Run(model, raw, optimizer, build_scheduler(optimizer, cfg.optim, cfg.steps), cfg,
-               Path(run_dir), batches, rank, world)
+               Path(run_dir), batches, rank, world, device, precision,
+               accel.grad_scaler(device, precision))
     seed_everything(cfg.seed + rank)
     resumed = _restore(run, resume)
     log = RunLog(run.run_dir, enabled=rank == 0)
@@ -406,7 +486,10 @@ def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
         print(f"resuming from {resumed} (step {run.step})", file=sys.stderr, flush=True)
     bar = Progress(cfg.steps, run.step, enabled=progress and rank == 0)
     run.model = dist.wrap_ddp(raw)
+    if cfg.compile:
+        run.model = torch.compile(run.model)
     raw.train()
+    accel.reset_peak_memory(device)
     run.energy = RunEnergy(cfg.energy, run.run_dir, rank, dist.all_gather_object,
                            run.checkpoint_energy)
     with _stop_on_signals(run):
