@@ -60,7 +60,10 @@ def test_math_recipe_without_the_extra_says_what_to_install(
         capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(sys.modules, "mathematics_dataset", None)  # import fails as if absent
+    # the import fails as if the package were absent, also where an earlier test imported it
+    for name in [n for n in sys.modules if n.split(".")[0] == "mathematics_dataset"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "mathematics_dataset", None)
     math_data._all_names.cache_clear()
     try:
         code = main(["train", recipe, "--set", "train.steps=1"])
