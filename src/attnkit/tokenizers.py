@@ -28,7 +28,6 @@ reads a checkpoint directory (``tokenizer.json``, or BERT's ``vocab.txt``, or GP
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from tokenizers import (
 
 from attnkit.config import unknown
 from attnkit.errors import ConfigError, UserError
+from attnkit.rundir import write_text_atomic
 
 KINDS = ("char", "wordpiece", "bpe", "bytelevel")
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]")
@@ -179,15 +179,11 @@ class Tokenizer:
         return cls(backend, _infer_kind(backend))
 
     def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` atomically (a temporary file, then ``os.replace``)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        """Write ``tokenizer.json`` atomically (:func:`attnkit.rundir.write_text_atomic`)."""
         try:
-            tmp.write_text(self.backend.to_str(pretty=True), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, self.backend.to_str(pretty=True))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write tokenizer to {path}: {err}") from None
+            raise UserError(f"cannot write tokenizer to {path}: {err.strerror or err}") from None
 
     @property
     def vocab_size(self) -> int:
