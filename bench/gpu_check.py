@@ -9,8 +9,9 @@ Prints one markdown table and writes it as JSON (``gpu_check.json`` under ``--ou
 - training: one GPT-2 small (124M) step (forward, cross-entropy, backward, fused AdamW, bf16
   autocast, fp32 weights, dropout 0) in tokens/s and MFU, against `transformers`
   GPT2LMHeadModel (sdpa) and x-transformers (when importable) at the same shape. MFU = model
-  FLOPs/token (6 N + 12 L T C, N without the position embeddings) x tokens/s over the peak of a
-  bf16 matmul measured in this run, and over the datasheet peak (attnkit.energy's table);
+  FLOPs/token (attnkit.accel.flops_per_token: 6 N + 12 L T C, N the matmul parameters, so
+  without the position embeddings) x tokens/s over the peak of a bf16 matmul measured in this
+  run, and over the datasheet peak (attnkit.accel.PEAK_TFLOPS, the trainer's MFU table);
 - generation: greedy, cached, fp32, ``min = max`` new tokens, attnkit ``generate`` against
   `transformers` ``generate`` at batch 1 and 8 (tokens/s; the tokens are compared too);
 - BERT-base inference (``inference_mode``, bf16 autocast on a GPU, fp32 on a CPU) against
@@ -44,9 +45,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from attnkit import accel
 from attnkit.convert import bert as cb
 from attnkit.convert import gpt2 as cg
-from attnkit.energy.estimate import HARDWARE
 from attnkit.generation import GenerationConfig, generate
 from attnkit.models.bert import bert_config
 
@@ -56,12 +57,6 @@ FULL = {"vocab": 50257, "layers": 12, "width": 768, "heads": 12, "positions": 10
 TINY = {"vocab": 97, "layers": 2, "width": 32, "heads": 2, "positions": 64,
         "batch": 2, "seq": 32, "steps": 2, "warmup": 1, "new_tokens": 6, "prompt": 4,
         "bert_batch": 2, "bert_seq": 16, "repeats": 2, "matmul": 128, "parity_seq": 16}
-GPU_ALIASES = {"h200": "h100"}  # the H200 has the H100 SXM's compute: 989 TFLOP/s bf16 dense
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
@@ -72,10 +67,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torc
     names = list(fns)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            sync(device)
+            accel.synchronize(device)
             t0 = time.perf_counter()
             out[name] = fns[name]()
-            sync(device)
+            accel.synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}, out
 
@@ -86,25 +81,23 @@ def matmul_peak(device: torch.device, size: int, repeats: int = 10) -> float:
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     best = float("inf")
     for _ in range(repeats + 1):
-        sync(device)
+        accel.synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        sync(device)
+        accel.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size ** 3 / best
 
 
 def datasheet_peak(device: torch.device) -> tuple[float | None, str]:
-    """(bf16 dense FLOP/s, source) of a GPU found in attnkit.energy's table, else (None, why)."""
+    """(bf16 dense FLOP/s, source) from attnkit.accel.PEAK_TFLOPS, else (None, why)."""
     if device.type != "cuda":
         return None, "no datasheet peak for a CPU"
     name = torch.cuda.get_device_name(device)
-    words = name.lower().replace("-", " ").split()  # "NVIDIA GeForce RTX 4090" -> rtx4090
-    for word in [*words, *(a + b for a, b in zip(words, words[1:], strict=False))]:
-        key = GPU_ALIASES.get(word, word)
-        if key in HARDWARE and HARDWARE[key].kind == "gpu":
-            return HARDWARE[key].peak_flops, f"{word}: {HARDWARE[key].source}"
-    return None, f"{name} is not in attnkit.energy's table"
+    peak = accel.peak_flops(device, "bf16")
+    if peak is None:
+        return None, f"{name} has no bf16 row in attnkit.accel.PEAK_TFLOPS"
+    return peak, f"{name}: attnkit.accel.PEAK_TFLOPS"
 
 
 def gpt2_pair(s: dict) -> tuple[nn.Module, nn.Module, cg.GPT2Config]:
@@ -192,12 +185,6 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
-def flops_per_token(cfg: cg.GPT2Config, model: nn.Module, seq: int) -> int:
-    """6 N + 12 L T C with N the parameters but the position embeddings."""
-    n = sum(p.numel() for p in model.parameters()) - cfg.n_positions * cfg.d_model
-    return 6 * n + 12 * cfg.n_layers * seq * cfg.d_model
-
-
 def training(s: dict, device: torch.device, peak: float, sheet: float | None) -> list[dict]:
     """Tokens/s and MFU of one GPT-2 training step, three libraries at the same shape."""
     hf, ours, cfg = gpt2_pair(s)
@@ -212,7 +199,7 @@ def training(s: dict, device: torch.device, peak: float, sheet: float | None) ->
             fn()
     secs, _ = interleaved(steps, s["steps"], device)
     rate = {k: s["batch"] * s["seq"] / t for k, t in secs.items()}
-    fpt = flops_per_token(cfg, ours, s["seq"])
+    fpt = accel.flops_per_token(accel.matmul_params(ours), cfg.n_layers, cfg.d_model, s["seq"])
     rows = [dict(_versus(rate), check="GPT-2 train step bf16", unit="tokens/s",
                  note=f"B={s['batch']} T={s['seq']}, {fpt / 1e6:.3g} MFLOP/token")]
     mfu = {k: r * fpt / peak for k, r in rate.items()}

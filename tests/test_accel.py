@@ -55,9 +55,12 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(tmp_path: Path, name: str, cfg: TrainConfig, loss_fn=_lm_loss, dropout=0.0):
+def _train(tmp_path: Path, name: str, cfg: TrainConfig, loss_fn=_lm_loss, dropout=0.0,
+           prefetch: int | None = None):
     model = _gpt(dropout)
-    fit(model, loss_fn, LMWindows(STREAM, 16, 8, seed=0), cfg, tmp_path / name, progress=False)
+    stream = LMWindows(STREAM, 16, 8, seed=0)
+    stream.prefetch = prefetch
+    fit(model, loss_fn, stream, cfg, tmp_path / name, progress=False)
     return model, _records(tmp_path / name)
 
 
@@ -189,6 +192,19 @@ def test_fp16_scaler_skips_an_overflowing_step(tmp_path, device):
     assert not all(torch.equal(w[13][k], w[12][k]) for k in w[12])  # and training goes on
 
 
+def _crashing_at(call: int):
+    """The LM loss, raising Crash at its ``call``-th call (a kill in the middle of a run)."""
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Crash
+        return _lm_loss(model, batch)
+
+    return crashing
+
+
 class Crash(Exception):
     pass
 
@@ -200,16 +216,8 @@ def test_fp16_resume_is_bitwise_identical(tmp_path, device, capsys):
     not the scaler's initial one, so a resume that lost it would skip steps again."""
     cfg = _cfg(device, "fp16", steps=12, save_every=4)
     ref, ref_recs = _train(tmp_path, "ref", cfg, dropout=0.1)
-    calls = {"n": 0}
-
-    def crashing(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise Crash
-        return _lm_loss(model, batch)
-
     with pytest.raises(Crash):
-        _train(tmp_path, "run", cfg, crashing, dropout=0.1)
+        _train(tmp_path, "run", cfg, _crashing_at(10), dropout=0.1)
     before = mark_log(tmp_path / "run")
     capsys.readouterr()
     torch.manual_seed(123)
@@ -220,6 +228,77 @@ def test_fp16_resume_is_bitwise_identical(tmp_path, device, capsys):
     assert [[r[k] for k in keys] for r in recs[8:]] == [[r[k] for k in keys] for r in ref_recs[8:]]
     for (k, a), b in zip(ref.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_resume_with_batches_built_ahead_is_bitwise_identical(tmp_path, capsys):
+    """What a GPU run does, on the CPU: batches built 3 ahead on a background thread. Killed
+    after the step-8 checkpoint (the thread had built past it) and resumed: the same records
+    and weights as an uninterrupted run that built no batch ahead."""
+    cfg = _cfg("cpu", "fp32", steps=12, save_every=4)
+    ref, ref_recs = _train(tmp_path, "ref", cfg, dropout=0.1, prefetch=0)
+    with pytest.raises(Crash):
+        _train(tmp_path, "run", cfg, _crashing_at(10), dropout=0.1, prefetch=3)
+    before = mark_log(tmp_path / "run")
+    capsys.readouterr()
+    again, recs = _train(tmp_path, "run", cfg, dropout=0.1, prefetch=3)
+    assert_resumed(tmp_path / "run", 8, capsys.readouterr().err, before)
+    keys = ("step", "loss", "lr", "grad_norm")
+    assert [[r[k] for k in keys] for r in recs] == [[r[k] for k in keys] for r in ref_recs]
+    for (k, a), b in zip(ref.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+# ---- fp16 on the CPU: the LSTM (oneDNN has no fp16 LSTM) -------------------------------------
+
+def test_lstm_runs_fp32_under_cpu_fp16_autocast_and_keeps_bf16():
+    """torch.nn.LSTM fails under fp16 autocast on this CPU; attnkit's LSTM (same state dict)
+    runs it in fp32 there: equal to a float64 torch.nn.LSTM with the same weights up to fp32
+    rounding. Under bf16 autocast it keeps autocast's bf16."""
+    from attnkit.nn.recurrent import LSTM
+
+    torch.manual_seed(0)
+    ours, ref = LSTM(6, 10, 2, batch_first=True), torch.nn.LSTM(6, 10, 2, batch_first=True)
+    ref.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(3, 7, 6)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, (h, c) = ours(x)
+        with pytest.raises(RuntimeError):
+            torch.nn.LSTM(6, 10, batch_first=True)(x)  # what a pointer run met before
+    want, (wh, wc) = ref.double()(x.double())
+    assert out.dtype == torch.float32
+    for a, b in ((out, want), (h, wh), (c, wc)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x)[0].dtype == torch.bfloat16
+
+
+def test_pointer_network_trains_in_fp16_on_the_cpu_near_fp32(tmp_path):
+    """The pointer network (LSTM encoder and decoder) trains with precision=fp16 on the CPU:
+    its first loss (same weights, same batch) is fp32's up to fp16 rounding (2^-11 per product,
+    the LSTMs in fp32), and over 30 steps it learns (the scaler's first skipped steps, while
+    its scale falls from 2^16, make later losses differ from fp32's by more than rounding)."""
+    from attnkit.data.algorithmic import GeneratedBatches, sort_examples
+    from attnkit.models.pointer import PointerConfig, PointerNet, pointer_loss
+
+    def loss(model, batch):
+        return pointer_loss(model(batch.inputs, batch.targets), batch.targets)
+
+    records = {}
+    for precision in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        model = PointerNet(PointerConfig(d_model=32))
+        stream = GeneratedBatches(lambda g: sort_examples(g, 16, 6), seed=0)
+        cfg = _cfg("cpu", precision, steps=30, optim=OptimConfig(lr=1e-2, warmup_steps=0,
+                                                                 schedule="constant"))
+        fit(model, loss, stream, cfg, tmp_path / precision, progress=False)
+        records[precision] = _records(tmp_path / precision)
+    first = {p: r[0]["loss"] for p, r in records.items()}
+    assert first["fp16"] != first["fp32"]  # autocast ran in fp16
+    assert first["fp16"] == pytest.approx(first["fp32"], rel=1e-3)
+    tail = sum(r["loss"] for r in records["fp16"][-5:]) / 5
+    assert tail < 0.9 * first["fp16"]  # it learnt
+    assert records["fp16"][0]["precision"] == "fp16"
 
 
 # ---- visibility --------------------------------------------------------------------------------

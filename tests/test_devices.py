@@ -209,6 +209,45 @@ def test_a_run_saved_on_a_gpu_resumes_and_decodes_on_the_cpu(tmp_path: Path,
     assert main(["translate", str(run), "123", "--device", "cpu"]) == 0
 
 
+def test_resume_set_moves_a_gpu_run_to_the_cpu_and_refuses_other_settings(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run whose config says cuda (and whose checkpoint was saved on a GPU) resumes on the CPU
+    with `resume --set device=cpu`, for more steps too; settings that change what is learnt
+    are refused in one line, before anything is written."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert main(_copy_run(ref, 6)) == 0
+    assert main(_copy_run(run, 2)) == 0
+    record = json.loads((run / "config.json").read_text())
+    record["config"]["train"]["device"] = "cuda"  # what a run trained with device=cuda records
+    (run / "config.json").write_text(json.dumps(record))
+    subprocess.run([sys.executable, "-c", RETAG, str(run / "checkpoints/step-000002.state.pt")],
+                   check=True, env={"PYTHONPATH": str(SRC)})
+    saved = (run / "config.json").read_bytes()
+    capsys.readouterr()
+    for args, fragment in (
+            ([], None if torch.cuda.is_available() else f"attnkit resume {run} --set device=auto"),
+            (["--set", "lr=0.1"], "resume --set lr: a resumed run may change only device, "),
+            (["--set", "train.optim.lr=0.1"], "resume --set train.optim.lr: a resumed run"),
+            (["--set", "device=tpu"], "train.device must be auto, cpu, cuda, cuda:N or mps")):
+        if fragment is None:
+            continue
+        assert main(["resume", str(run), *args]) == 2
+        assert fragment in one_error_line(capsys.readouterr().err)
+        assert (run / "config.json").read_bytes() == saved  # refused before any write
+    before = mark_log(run)
+    assert main(["resume", str(run), "--set", "device=cpu", "--set", "train.steps=6"]) == 0
+    assert_resumed(run, 2, capsys.readouterr().err, before)
+    train = json.loads((run / "config.json").read_text())["config"]["train"]
+    assert (train["device"], train["steps"]) == ("cpu", 6)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["device"] for r in logged if "device" in r] == ["cpu", "cpu"]  # once a segment
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 7))
+    want = load_weights(ref / "checkpoints" / "step-000006.safetensors")
+    got = load_weights(run / "checkpoints" / "step-000006.safetensors")
+    for key, value in want.items():  # inverse_sqrt: the schedule does not depend on the total
+        assert torch.equal(got[key], value), key
+
+
 # ---- presets sized on the meta device ----------------------------------------------------------
 @pytest.mark.parametrize("family,preset,published", [
     ("gpt2", "small", 124_439_808),       # Radford et al. 2019 / transformers gpt2

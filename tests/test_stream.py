@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,3 +126,82 @@ def test_row_batch_moves_and_shards_its_tensor_fields():
     seg = SegmentBatch(rows[:, None], rows[:, None], reset=True, carry=carry)
     part = seg.to("meta").shard(2, 3)
     assert part.ids.shape == (1, 1) and part.reset and part.carry is carry
+
+
+# ---- batches built ahead on a background thread (what a GPU run does) -------------------------
+
+def _lm_windows(prefetch: int | None) -> BatchStream:
+    from attnkit.data.lm import LMWindows
+
+    stream = LMWindows(torch.arange(500) % 37, block_size=8, batch_size=3, seed=4)
+    stream.prefetch = prefetch
+    return stream
+
+
+def _token_batches(prefetch: int | None) -> BatchStream:
+    from attnkit.data.batching import TokenBatches
+
+    g = np.random.default_rng(0)
+    pairs = [(list(g.integers(3, 20, g.integers(1, 9))), list(g.integers(3, 20, g.integers(1, 9))))
+             for _ in range(60)]
+    stream = TokenBatches(pairs, max_tokens=40, seed=2, chunk_size=16)
+    stream.prefetch = prefetch
+    return stream
+
+
+def _fields(batch) -> list[torch.Tensor]:
+    return [t for t in vars(batch).values() if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("make", [_lm_windows, _token_batches])
+def test_prefetched_batches_and_states_equal_the_plain_ones(make):
+    """Built 3 ahead or when asked for: the same batches, and after each the same state (the
+    position of the next batch handed out, not of the next one built), across epochs of the
+    token batches; restored mid-way, a prefetching stream continues exactly."""
+    plain, ahead = make(0), make(3)
+    for a, b in zip(itertools.islice(iter(plain), 40), itertools.islice(iter(ahead), 40),
+                    strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(_fields(a), _fields(b), strict=True))
+        assert plain.state_dict() == ahead.state_dict()
+    reference, resumed, _ = _resumed(lambda: make(2), 17, 40)
+    for a, b in zip(reference, resumed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(_fields(a), _fields(b), strict=True))
+
+
+def test_place_builds_ahead_on_a_gpu_only_and_keeps_a_setting():
+    stream = _lm_windows(None)
+    stream.place(torch.device("cpu"))
+    assert (stream.prefetch, stream.pin_memory) == (0, False)
+    stream = _lm_windows(None)
+    stream.place(torch.device("cuda"))  # only records the choice: nothing is built yet
+    assert (stream.prefetch, stream.pin_memory) == (2, True)
+    stream = _lm_windows(5)
+    stream.place(torch.device("cuda"))
+    assert stream.prefetch == 5
+
+
+class Failing(BatchStream):
+    def batch(self, k: int) -> int:
+        if k == 5:
+            raise UserError("batch 5 is broken")
+        return k
+
+
+def test_an_error_building_ahead_surfaces_when_its_batch_is_due_and_the_thread_stops():
+    stream = Failing()
+    stream.prefetch = 3
+    it = iter(stream)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(UserError, match="batch 5 is broken"):
+        next(it)
+    assert stream.index == 5  # the position names the batch that failed
+    ok = Rows(10, 2)
+    ok.prefetch = 2
+    it = iter(ok)
+    next(it)
+    it.close()  # what dropping the iterator does
+    for _ in range(100):
+        if not any(t.name == "attnkit-batches" and t.is_alive() for t in threading.enumerate()):
+            break
+        time.sleep(0.02)
+    assert not any(t.name == "attnkit-batches" and t.is_alive() for t in threading.enumerate())

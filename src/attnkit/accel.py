@@ -7,7 +7,8 @@
   CPUs without bf16 instructions bf16 is emulated and slow); ``"fp32"``, ``"bf16"``, ``"fp16"``.
   Mixed precision is autocast (:func:`autocast`): weights, optimiser and checkpoints stay fp32.
 - :func:`to_device`: a batch (tensors, dataclasses, named tuples, dicts, lists) on a device,
-  from pinned memory without blocking when the device is a GPU.
+  from pinned memory without blocking when the device is a GPU (:func:`pin_memory` pins a
+  batch ahead, as the data streams' background thread does).
 - :func:`peak_memory`, :data:`PEAK_TFLOPS`, :func:`flops_per_token` and :func:`mfu`: what a
   training step used and how close it came to the device's peak.
 """
@@ -20,6 +21,7 @@ import itertools
 import os
 import resource
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -121,32 +123,48 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def to_device(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
-    """``batch`` with every tensor on ``device``: tensors, dicts, lists, tuples and named tuples
-    are rebuilt; a dataclass is copied with its tensor and container fields moved, except those
-    its ``on_host`` names (bookkeeping read on the host), while other fields (e.g. a
-    Transformer-XL memory carry) stay the same objects. CPU tensors bound for a CUDA GPU are
-    pinned and copied without blocking."""
-    device = torch.device(device)
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor: tensors, dicts, lists, tuples and named
+    tuples are rebuilt; a dataclass is copied with its tensor and container fields mapped,
+    except those its ``on_host`` names (bookkeeping read on the host), while other fields (e.g.
+    a Transformer-XL memory carry) stay the same objects."""
     if isinstance(batch, torch.Tensor):
-        if batch.device == device:
-            return batch
-        if device.type == "cuda" and batch.device.type == "cpu" and non_blocking:
-            return batch.pin_memory().to(device, non_blocking=True)
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        moved = {f.name: to_device(getattr(batch, f.name), device, non_blocking)
-                 for f in dataclasses.fields(batch)
-                 if f.init and f.name not in getattr(batch, "on_host", ())
-                 and isinstance(getattr(batch, f.name), (torch.Tensor, dict, list, tuple))}
-        return dataclasses.replace(batch, **moved)
+        mapped = {f.name: map_tensors(getattr(batch, f.name), fn)
+                  for f in dataclasses.fields(batch)
+                  if f.init and f.name not in getattr(batch, "on_host", ())
+                  and isinstance(getattr(batch, f.name), (torch.Tensor, dict, list, tuple))}
+        return dataclasses.replace(batch, **mapped)
     return batch
+
+
+def pin_memory(batch: Any) -> Any:
+    """``batch`` (as :func:`map_tensors` walks it) with its CPU tensors in page-locked memory,
+    from which a copy to a CUDA GPU does not block the host (needs CUDA)."""
+    return map_tensors(batch, lambda t: t.pin_memory() if t.device.type == "cpu"
+                       and not t.is_pinned() else t)
+
+
+def to_device(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
+    """``batch`` (as :func:`map_tensors` walks it) with every tensor on ``device``. CPU tensors
+    bound for a CUDA GPU are pinned (unless they already are) and copied without blocking."""
+    device = torch.device(device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            return t
+        if device.type == "cuda" and t.device.type == "cpu" and non_blocking:
+            return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+        return t.to(device)
+
+    return map_tensors(batch, move)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -171,14 +189,16 @@ def reset_peak_memory(device: torch.device) -> None:
 # ---- FLOPs and model-FLOPs utilisation ---------------------------------------------------------
 
 # Dense peak TFLOP/s per GPU (no structured sparsity), as (bf16, fp16, fp32): tensor cores with
-# fp32 accumulation for bf16/fp16, plain (non-TF32) fp32, from the vendors' datasheets:
+# fp32 accumulation for bf16/fp16, plain (non-TF32) fp32, from the vendors' datasheets. The one
+# table of peaks: MFU here, the energy estimator's GPUs and bench/gpu_check.py read it.
 # A100 SXM4/PCIe: NVIDIA A100 Tensor Core GPU datasheet (312 bf16/fp16, 19.5 fp32).
 # H100 SXM: NVIDIA H100 datasheet (1979 "with sparsity" -> 989 dense, 67 fp32);
 # H100 PCIe: same datasheet (1513 -> 756, 51). H200 SXM: NVIDIA H200 datasheet (1979 -> 989,
 # 67; H200 NVL 1671 -> 835, 60). L4: NVIDIA L4 datasheet (242 -> 121, 30.3).
 # L40S: NVIDIA L40S datasheet (733 -> 366, 91.6). A10: NVIDIA A10 datasheet (250 -> 125, 31.2).
 # V100 SXM2: NVIDIA V100 datasheet (125 fp16 tensor, 15.7 fp32; no bf16).
-# T4: NVIDIA T4 datasheet (65 fp16, 8.1 fp32; no bf16).
+# T4: NVIDIA T4 datasheet (65 fp16, 8.1 fp32; no bf16). P100 PCIe: NVIDIA Tesla P100
+# datasheet (18.7 fp16, 9.3 fp32; SXM2: 21.2, 10.6; no bf16, no tensor cores).
 # RTX 4090: NVIDIA Ada Lovelace architecture whitepaper, appendix table (165.2 fp16/bf16 with
 # fp32 accumulate, 82.6 fp32). RTX 3090: NVIDIA Ampere GA102 whitepaper (71 fp16 with fp32
 # accumulate, 35.6 fp32).
@@ -193,6 +213,8 @@ PEAK_TFLOPS: dict[str, tuple[float | None, float, float]] = {
     "A10": (125.0, 125.0, 31.2),
     "V100": (None, 125.0, 15.7),
     "T4": (None, 65.0, 8.1),
+    "P100-SXM2": (None, 21.2, 10.6),
+    "P100": (None, 18.7, 9.3),
     "RTX 4090": (165.2, 165.2, 82.6),
     "RTX 3090": (71.0, 71.0, 35.6),
 }

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("resume", help="continue an interrupted run (its recipe and config)")
     rs.add_argument("run", help="run directory")
+    rs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="change where or how long it trains: device, precision, compile, "
+                         "gradient_checkpointing, threads, steps, eval_every, log_every, "
+                         "save_every, keep_last (e.g. device=cpu; repeatable)")
 
     e = sub.add_parser("eval", help="evaluate a trained run on its recipe's test sets")
     e.add_argument("run", help="run directory")
@@ -137,11 +141,22 @@ def _train(args: argparse.Namespace) -> None:
 def _resume(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    from attnkit import accel, runlock
+    from attnkit.config import to_dict
     from attnkit.recipes import config_of_run
-    from attnkit.rundir import read_run
+    from attnkit.rundir import read_run, record_config
 
-    recipe, cfg = config_of_run(read_run(args.run))
-    _run_recipe(recipe, replace(cfg, run_dir=args.run))
+    recipe, cfg = config_of_run(read_run(args.run), args.overrides)
+    cfg = replace(cfg, run_dir=args.run)
+    try:
+        accel.resolve_device(cfg.train.device)
+    except UserError as err:
+        raise UserError(f"{err} (here: attnkit resume {shlex.quote(args.run)} --set "
+                        "device=auto)") from None
+    if args.overrides:  # the record says where and how long the run now trains
+        runlock.lock_run(args.run)
+        record_config(args.run, to_dict(cfg))
+    _run_recipe(recipe, cfg)
 
 
 def _run_recipe(recipe: Any, cfg: Any) -> None:

@@ -210,6 +210,14 @@ def record_model(run_dir: str | Path, spec: dict) -> None:
         write_json_atomic(Path(run_dir) / CONFIG, record)
 
 
+def record_config(run_dir: str | Path, config: dict) -> None:
+    """Replace the settings config.json records (``attnkit resume --set`` changed some), the
+    rest of the record kept as it is."""
+    record = read_run(run_dir)
+    record["config"] = config
+    write_json_atomic(Path(run_dir) / CONFIG, record)
+
+
 def prepare_run_dir(recipe: str, cfg: Any) -> Path:
     """Create the run directory and its config.json (``cfg`` is a recipe config with a
     ``run_dir``); an existing run must have the same recipe and config."""
@@ -228,7 +236,8 @@ def prepare_run_dir(recipe: str, cfg: Any) -> Path:
             **record["config"], "run_dir": ""}
         if not same:
             raise UserError(f"{run_dir} holds a run with another recipe or config; choose "
-                            "another run_dir (or repeat that run's settings to resume it)")
+                            "another run_dir (or resume it: attnkit resume RUN [--set "
+                            "device=...])")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not an attnkit run; choose another run_dir")

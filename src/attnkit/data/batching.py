@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attnkit.data.stream import BatchStream, RowBatch
+from attnkit.data.stream import BatchStream, RowBatch, ahead
 from attnkit.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -150,14 +150,22 @@ class TokenBatches(BatchStream):
         self._cache = (epoch, batches)
         return batches
 
-    def __iter__(self) -> Iterator[Seq2SeqBatch]:
+    def _positions(self) -> Iterator[tuple[int, int]]:
+        """(epoch, index) of every batch from the current position on."""
+        epoch, index = self.epoch, self.index
         while True:
-            batches = self.epoch_batches(self.epoch)
-            while self.index < len(batches):
-                ids = batches[self.index]
-                self.index += 1  # before yielding: the state then names the next batch
-                yield collate([self.pairs[i] for i in ids], ids)
-            self.epoch, self.index = self.epoch + 1, 0
+            yield from ((epoch, i) for i in range(index, len(self.epoch_batches(epoch))))
+            epoch, index = epoch + 1, 0
+
+    def _batch(self, at: tuple[int, int]) -> Seq2SeqBatch:
+        ids = self.epoch_batches(at[0])[at[1]]
+        return collate([self.pairs[i] for i in ids], ids)
+
+    def __iter__(self) -> Iterator[Seq2SeqBatch]:
+        for (epoch, index), batch in ahead(self._batch, self._positions(), self.prefetch or 0,
+                                           self.pin_memory):
+            self.epoch, self.index = epoch, index + 1  # the state names the next batch
+            yield batch
 
     def fingerprint(self) -> dict:
         return {"n_pairs": len(self.pairs), "seed": self.seed}

@@ -19,11 +19,24 @@ names the next one; a fresh stream over the same data continues bitwise after
 Streams whose position is not one number say so by overriding ``position`` (token-count
 batching, whose epochs hold different numbers of batches) or by adding to the state
 (Transformer-XL's segment memory).
+
+Building ahead (:func:`ahead`): because batch ``k`` depends on ``k`` alone, a stream may build
+the next ``prefetch`` batches on a background thread while the model trains on this one, and
+still hand them out, and name its position, exactly as without. :meth:`BatchStream.place` (which
+:func:`~attnkit.train.loop.fit` calls) turns it on for a GPU, where the step runs while the host
+waits and the batch would otherwise be built in that gap, with the batches pinned on that thread
+so that their copies do not block. On the CPU the thread buys nothing: building took 0.5-0.8%
+of a training step for the lm and translate recipes (bench/data_prep.py, BENCHMARKS.md). So
+``batch(k)`` must be safe to call on another thread: no global random state (a generator
+seeded from ``k``, as every stream here does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, replace
 from typing import Any, ClassVar, Self
 
@@ -31,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnkit.accel import to_device
+from attnkit.accel import pin_memory, to_device
 from attnkit.errors import UserError
 
 
@@ -59,6 +72,51 @@ class RowBatch:
         return replace(self, **{k: v[rank::world] for k, v in self._tensors().items()})
 
 
+PREFETCH = 2  # batches built ahead on a GPU
+
+
+def ahead(make: Callable[[Any], Any], keys: Iterable[Any], depth: int = 0,
+          pin: bool = False) -> Iterator[tuple[Any, Any]]:
+    """``(key, make(key))`` for each of ``keys`` in order; with ``depth`` > 0 made up to
+    ``depth`` ahead on a background thread (and pinned there when ``pin``: CUDA only), else
+    when asked for. An exception of ``make`` is raised here, when its batch is due; the thread
+    stops when the iterator is closed or dropped."""
+    if depth <= 0:
+        for key in keys:
+            yield key, pin_memory(make(key)) if pin else make(key)
+        return
+    made: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: tuple) -> None:
+        while not stop.is_set():
+            try:
+                made.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for key in keys:
+                if stop.is_set():
+                    return
+                batch = make(key)
+                offer((key, pin_memory(batch) if pin else batch, None))
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer)
+            offer((None, None, err))
+
+    threading.Thread(target=produce, name="attnkit-batches", daemon=True).start()
+    try:
+        while True:
+            key, batch, err = made.get()
+            if err is not None:
+                raise err
+            yield key, batch
+    finally:
+        stop.set()
+
+
 class BatchStream:
     """Endless, exactly resumable stream: ``batch(k)`` for k = index, index + 1, ..."""
 
@@ -66,6 +124,15 @@ class BatchStream:
 
     def __init__(self) -> None:
         self.index = 0  # the next batch to yield
+        self.prefetch: int | None = None  # batches built ahead (None: :meth:`place` decides)
+        self.pin_memory = False  # pin them (on the building thread) for a CUDA GPU
+
+    def place(self, device: torch.device) -> None:
+        """Where the batches will be used: on a GPU build :data:`PREFETCH` ahead, pinned for
+        CUDA; on the CPU none ahead (module docstring). A ``prefetch`` already set is kept."""
+        if self.prefetch is None:
+            self.prefetch = 0 if device.type == "cpu" else PREFETCH
+        self.pin_memory = device.type == "cuda"
 
     def batch(self, k: int) -> Any:
         """Batch number ``k`` (deterministic)."""
@@ -76,10 +143,10 @@ class BatchStream:
         return {}
 
     def __iter__(self) -> Iterator[Any]:
-        while True:
-            k = self.index
-            self.index += 1  # before yielding: the state then names the next batch
-            yield self.batch(k)
+        for k, batch in ahead(self.batch, itertools.count(self.index), self.prefetch or 0,
+                              self.pin_memory):
+            self.index = k + 1  # before yielding: the state then names the next batch
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in self.position}, **self.fingerprint()}

@@ -2,16 +2,18 @@
 
 Training compute is ``6 * N * D`` FLOPs for ``N`` parameters and ``D`` tokens (2 for the
 forward pass and 4 for the backward pass per parameter and token; Kaplan et al. 2020, as in
-nanoGPT's MFU estimate). Time = FLOPs / (devices x peak FLOP/s x utilisation); energy =
-Strubell et al.'s ``PUE * t * (p_c + p_r + g * p_g) / 1000`` with each device drawing its
-rated power (TDP: an upper bound at full load). Or, with the paper's own inputs, hours and
-measured total power directly (:func:`from_power`).
+nanoGPT's MFU estimate: :func:`attnkit.accel.flops_per_token` without its attention term).
+GPU peaks come from :data:`attnkit.accel.PEAK_TFLOPS`. Time = FLOPs / (devices x peak FLOP/s
+x utilisation); energy = Strubell et al.'s ``PUE * t * (p_c + p_r + g * p_g) / 1000`` with
+each device drawing its rated power (TDP: an upper bound at full load). Or, with the paper's
+own inputs, hours and measured total power directly (:func:`from_power`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnkit.accel import PEAK_TFLOPS, flops_per_token
 from attnkit.config import unknown
 from attnkit.energy.config import EnergyConfig
 from attnkit.energy.strubell import kg_to_lbs
@@ -27,20 +29,25 @@ class Hardware:
     source: str
 
 
+def _gpu(name: str, watts: float, price: float, source: str) -> Hardware:
+    """A GPU of :data:`attnkit.accel.PEAK_TFLOPS` (the one peak table): its dense tensor-core
+    peak, bf16 or (without bf16) fp16."""
+    bf16, fp16, _ = PEAK_TFLOPS[name]
+    peak = bf16 or fp16
+    kind = "bf16" if bf16 else "fp16"
+    return Hardware("gpu", watts, peak * 1e12, price,
+                    f"{source}; {peak:g} TFLOP/s {kind} dense (attnkit.accel.PEAK_TFLOPS)")
+
+
 _GCP_2019 = "; price: GCP on-demand 2019 as used by Strubell et al."
 HARDWARE: dict[str, Hardware] = {
-    "p100": Hardware("gpu", 250, 18.7e12, 1.46, "NVIDIA Tesla P100 PCIe datasheet: 250 W, "
-                     "18.7 TFLOP/s fp16" + _GCP_2019),
-    "v100": Hardware("gpu", 300, 125e12, 2.48, "NVIDIA V100 SXM2 datasheet: 300 W, 125 TFLOP/s "
-                     "tensor" + _GCP_2019),
-    "t4": Hardware("gpu", 70, 65e12, 0.0, "NVIDIA T4 datasheet: 70 W, 65 TFLOP/s fp16 tensor"),
-    "a100": Hardware("gpu", 400, 312e12, 0.0, "NVIDIA A100 SXM4 datasheet: 400 W, 312 TFLOP/s "
-                     "bf16 dense"),
-    "h100": Hardware("gpu", 700, 989e12, 0.0, "NVIDIA H100 SXM5 datasheet: 700 W, 989 TFLOP/s "
-                     "bf16 dense"),
-    "l4": Hardware("gpu", 72, 121e12, 0.0, "NVIDIA L4 datasheet: 72 W, 121 TFLOP/s fp16 dense"),
-    "rtx4090": Hardware("gpu", 450, 165e12, 0.0, "NVIDIA Ada whitepaper: 450 W, 165 TFLOP/s "
-                        "fp16 tensor, fp32 accumulate"),
+    "p100": _gpu("P100", 250, 1.46, "NVIDIA Tesla P100 PCIe datasheet: 250 W" + _GCP_2019),
+    "v100": _gpu("V100", 300, 2.48, "NVIDIA V100 SXM2 datasheet: 300 W" + _GCP_2019),
+    "t4": _gpu("T4", 70, 0.0, "NVIDIA T4 datasheet: 70 W"),
+    "a100": _gpu("A100", 400, 0.0, "NVIDIA A100 SXM4 datasheet: 400 W"),
+    "h100": _gpu("H100", 700, 0.0, "NVIDIA H100 SXM5 datasheet: 700 W"),
+    "l4": _gpu("L4", 72, 0.0, "NVIDIA L4 datasheet: 72 W"),
+    "rtx4090": _gpu("RTX 4090", 450, 0.0, "NVIDIA Ada whitepaper: 450 W"),
     "xeon-8280": Hardware("cpu", 205, 28 * 2.7e9 * 64, 0.0, "Intel Xeon Platinum 8280: 205 W "
                           "TDP, 28 cores x 2.7 GHz x 64 fp32 FLOP/cycle (2 AVX-512 FMA)"),
     "epyc-7763": Hardware("cpu", 280, 64 * 2.45e9 * 32, 0.0, "AMD EPYC 7763: 280 W TDP, "
@@ -65,11 +72,6 @@ class Estimate:
     @property
     def co2e_lbs(self) -> float:
         return kg_to_lbs(self.co2e_kg)
-
-
-def training_flops(params: float, tokens: float) -> float:
-    """6 N D: forward (2) and backward (4) FLOPs per parameter and token."""
-    return 6.0 * params * tokens
 
 
 def get_hardware(name: str) -> Hardware:
@@ -104,7 +106,7 @@ def from_flops(params: float, tokens: float, hardware: str, devices: int, cfg: E
     if not 0 < utilisation <= 1:
         raise UserError(f"utilisation must be in (0, 1], got {utilisation:g}")
     hw = get_hardware(hardware)
-    flops = training_flops(params, tokens)
+    flops = flops_per_token(params, 0, 0, 0) * tokens  # 6 N D (no sequence length known)
     hours = flops / (devices * hw.peak_flops * utilisation) / 3600.0
     price = hw.price_per_hour if price_per_device_hour is None else price_per_device_hour
     est = from_power(hours, devices * hw.watts + host_watts, cfg, devices * hours, price)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from attnkit.errors import ConfigError, UserError
 from attnkit.nn.attention.scores import build_score
+from attnkit.nn.recurrent import LSTM
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ class PointerNet(nn.Module):
         d = cfg.d_model
         self.embed = (nn.Linear(1, d) if cfg.input_kind == "float"
                       else nn.Embedding(cfg.n_values, d))
-        self.encoder = nn.LSTM(d, d, cfg.n_layers, batch_first=True)
-        self.decoder = nn.LSTM(d, d, cfg.n_layers, batch_first=True)
+        self.encoder = LSTM(d, d, cfg.n_layers, batch_first=True)
+        self.decoder = LSTM(d, d, cfg.n_layers, batch_first=True)
         self.start = nn.Parameter(torch.zeros(d))  # decoder input at step 1
         self.score = build_score("additive", d, d, cfg.d_attention or d)
         if cfg.init_range > 0:
@@ -92,7 +93,9 @@ class PointerNet(nn.Module):
             raise UserError("this pointer network reads float inputs")
         if inputs.is_floating_point():
             raise UserError("this pointer network reads integer inputs")
-        if inputs.numel() and (inputs.min() < 0 or inputs.max() >= self.cfg.n_values):
+        # values are checked on the CPU only: on a GPU the check would wait for the device
+        if inputs.is_cpu and inputs.numel() and (inputs.min() < 0
+                                                 or inputs.max() >= self.cfg.n_values):
             raise UserError(f"integer inputs must be in [0, {self.cfg.n_values})")
         return self.embed(inputs)  # (B, S, D)
 

@@ -52,9 +52,10 @@ from attnkit.losses import mean_token_nll
 from attnkit.models.transformer import Seq2SeqOutput
 from attnkit.nn.attention.core import attention
 from attnkit.nn.attention.scores import SCORES, build_score
+from attnkit.nn.recurrent import LSTM
 
 Hidden = Tensor | tuple[Tensor, Tensor]  # (L, B, H); an LSTM's (h, c)
-CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM}
+CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": LSTM}  # LSTM: also fp16 on CPU
 ATTENTIONS = ("bahdanau", "luong", "none")
 PAPER_SCORE = {"bahdanau": "additive", "luong": "general", "none": ""}
 

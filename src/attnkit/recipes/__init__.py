@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from attnkit.config import apply_overrides, from_dict, load_json, to_dict, unknown
+from attnkit.errors import UserError
 from attnkit.recipes import (
     act,
     bert_pretrain,
@@ -25,6 +26,7 @@ from attnkit.recipes import (
     xl_lm,
 )
 from attnkit.rundir import refuse_retired
+from attnkit.train.loop import RESUMABLE
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,22 @@ def resolve_config(recipe: Recipe, config_file: str | None = None,
     return from_dict(type(default), data)
 
 
-def config_of_run(record: dict) -> tuple[Recipe, Any]:
-    """The recipe and config a run directory's config.json records."""
+def config_of_run(record: dict, overrides: Sequence[str] = ()) -> tuple[Recipe, Any]:
+    """The recipe and config a run directory's config.json records, with ``overrides``
+    (``key=value``, `attnkit resume --set`) of the train settings a resumed run may change
+    (:data:`attnkit.train.loop.RESUMABLE`, ``train.`` optional); others are refused."""
     recipe = get_recipe(record.get("recipe", "?"))
-    return recipe, from_dict(type(recipe.defaults()), record["config"])
+    data = record["config"]
+    if overrides:
+        data = apply_overrides(data, [_resumable(item) for item in overrides])
+    return recipe, from_dict(type(recipe.defaults()), data)
+
+
+def _resumable(item: str) -> str:
+    key, sep, value = item.partition("=")
+    name = key.strip().removeprefix("train.")
+    if not sep or name not in RESUMABLE:
+        raise UserError(f"resume --set {key.strip() or item}: a resumed run may change only "
+                        f"{', '.join(RESUMABLE)} (where and how long it trains); train other "
+                        "settings in a new run_dir")
+    return f"train.{name}={value}"

@@ -1,11 +1,14 @@
 """Training logs: JSON lines, optional TensorBoard, a tqdm progress bar and the loss plot.
 
-``run_dir/metrics.jsonl`` holds one JSON object per line, either a training record
+``run_dir/metrics.jsonl`` holds one JSON object per line: a training record
 ``{"step", "loss", "lr", "tokens_per_s", "peak_memory_gib", "grad_norm", "elapsed"}`` (plus
 ``"mfu"`` where the device's peak FLOP/s is known, ``"loss_scale"`` and ``"skipped_steps"`` in
-fp16) or an evaluation record
-``{"step", "eval": {...}}``. Only rank 0 writes. Every line is standard JSON: a non-finite
-number (NaN, infinity) is written as ``null``.
+fp16, and in the first record of a run segment, a run or each resumed part of it, where it
+ran: ``"device"``, ``"precision"`` and ``"attention_kernels"``, the attention calls of the
+segment's first step by kernel, e.g. ``{"flash": 4}``: SDPA's flash, efficient, cudnn or math,
+flex, explicit; empty when compiled) or an evaluation record ``{"step", "eval": {...}}``.
+Only rank 0 writes. Every line is standard JSON: a non-finite number (NaN,
+infinity) is written as ``null``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class RunLog:
             scalars = record.get("eval", {k: v for k, v in record.items() if k != "step"})
             prefix = "eval/" if "eval" in record else "train/"
             for key, value in scalars.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(prefix + key, value, step)
 
     def close(self) -> None:
@@ -101,6 +104,10 @@ class Progress:
                              tok_s=f"{speed['tokens_per_s']:.0f}",
                              mem=f"{speed['peak_memory_gib']:.2f}G", **extra, refresh=False)
         self.bar.update(1)
+
+    def describe(self, text: str) -> None:
+        """Where the run trains, left of the bar (e.g. ``cpu fp32 attn:flash``)."""
+        self.bar.set_description(text, refresh=False)
 
     def write(self, message: str) -> None:
         self.bar.write(message)

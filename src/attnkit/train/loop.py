@@ -12,9 +12,11 @@ a note) for the newest whole one.
 
 Devices and precision (:mod:`attnkit.accel`): the model moves to ``cfg.device`` and stays fp32
 (so do the optimiser state and the checkpoints); every batch follows it (pinned, non-blocking
-on CUDA); forward passes (training and evaluation) run under autocast in ``cfg.precision``,
-losses in fp32; fp16 scales the loss (``torch.amp.GradScaler``) and skips the update of a step
-whose gradients overflowed, halving the scale.
+on CUDA; on a GPU a stream builds them ahead on a background thread,
+:meth:`~attnkit.data.stream.BatchStream.place`); forward passes (training and evaluation) run
+under autocast in ``cfg.precision``, losses in fp32; fp16 scales the loss
+(``torch.amp.GradScaler``) and skips the update of a step whose gradients overflowed, halving
+the scale.
 
 SIGINT or SIGTERM (Ctrl-C) finishes the current step, writes a checkpoint and raises
 :class:`attnkit.errors.Interrupted`. A non-finite loss or gradient norm stops training with a
@@ -45,6 +47,7 @@ from attnkit.config import to_dict
 from attnkit.energy.account import RunEnergy
 from attnkit.energy.config import EnergyConfig
 from attnkit.errors import ConfigError, Interrupted, UserError
+from attnkit.nn.attention.kernels import record_kernels
 from attnkit.nn.checkpointing import set_gradient_checkpointing
 from attnkit.train import distributed as dist
 from attnkit.train.checkpoint import latest_checkpoint, load_latest, load_tensors, save_checkpoint
@@ -101,6 +104,12 @@ class TrainConfig:
         if self.best_metric and self.best_metric not in names:
             from attnkit.config import unknown
             raise unknown("train.best_metric", self.best_metric, names)
+
+
+# The settings `attnkit resume RUN --set` may change: where and how long a run trains, not what
+# it learns (a GPU run resumes on a CPU; more steps: the schedule then follows the new total).
+RESUMABLE = ("device", "precision", "compile", "gradient_checkpointing", "threads", "steps",
+             "eval_every", "log_every", "save_every", "keep_last")
 
 
 @dataclass
@@ -198,6 +207,8 @@ class _Run:
     stop: bool = False  # some rank received one: every rank stops after this step
     flops: float = 0.0  # training FLOPs per token (accel.flops_per_token), from the first batch
     skipped: int = 0  # fp16 steps whose update the scaler skipped (overflow), this segment
+    kernels: dict[str, int] | None = None  # attention kernels of this segment's first step
+    where_logged: bool = False  # the first training record (with device and kernels) written
 
     def state(self, rngs: list, data: list | None = None) -> dict[str, Any]:
         """The resumable state; ``data``: every rank's stream state when they differ (a
@@ -399,6 +410,31 @@ def _scaler_record(run: _Run) -> dict[str, float]:
     return {"loss_scale": float(run.scaler.get_scale()), "skipped_steps": run.skipped}
 
 
+@contextlib.contextmanager
+def _first_step_kernels(run: _Run, bar: Progress) -> Iterator[None]:
+    """Around the first step of a segment (a run or a resumed part of it): count the attention
+    kernels it takes (:func:`attnkit.nn.attention.kernels.record_kernels`) and show them on the
+    progress bar with the device and precision."""
+    if run.kernels is not None:
+        yield
+        return
+    with record_kernels() as taken:
+        yield
+    run.kernels = dict(sorted(taken.items()))
+    names = "+".join(run.kernels) or ("compiled" if run.cfg.compile else "none")
+    bar.describe(f"{run.device.type} {run.precision} attn:{names}")
+
+
+def _where(run: _Run) -> dict[str, Any]:
+    """For the first training record of a segment only: device, precision and the attention
+    kernels of the segment's first step."""
+    if run.where_logged:
+        return {}
+    run.where_logged = True
+    return {"device": str(run.device), "precision": run.precision,
+            "attention_kernels": run.kernels or {}}
+
+
 def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
           bar: Progress) -> None:
     """Optimiser steps from ``run.step + 1`` to ``cfg.steps`` with logs, evals and saves."""
@@ -408,7 +444,8 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
     window = [0.0, 0.0, 0, time.perf_counter()]  # loss sum, count, tokens seen, start time
     while run.step < cfg.steps:
         lr = run.optimizer.param_groups[0]["lr"]
-        loss_sum, count, seen, grad_norm = _train_step(run, loss_fn, it)
+        with _first_step_kernels(run, bar):
+            loss_sum, count, seen, grad_norm = _train_step(run, loss_fn, it)
         run.scheduler.step()
         run.step += 1
         run.tokens += seen
@@ -421,7 +458,8 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
             loss = window[0] / max(window[1], 1.0)
             run.metrics["loss"] = loss
             log.write({"step": run.step, "loss": loss, "lr": lr, **speed,
-                       "grad_norm": grad_norm, "elapsed": run.elapsed, **_scaler_record(run)})
+                       "grad_norm": grad_norm, "elapsed": run.elapsed, **_scaler_record(run),
+                       **_where(run)})
             window = [0.0, 0.0, 0, now]
             run.energy.tick(run.step, run.tokens, run.metrics)
         if evaluate is not None and (
@@ -474,6 +512,8 @@ def fit(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: TrainConfig,
     device = accel.resolve_device(cfg.device)
     precision = accel.resolve_precision(cfg.precision, device)
     raw = _place(dist.unwrap(model), device, cfg)
+    if hasattr(batches, "place"):  # a BatchStream: built ahead and pinned on a GPU
+        batches.place(device)
     optimizer = build_optimizer(raw, cfg.optim)  # after the move: fused kernels per device
     run = _Run(model, raw, optimizer, build_scheduler(optimizer, cfg.optim, cfg.steps), cfg,
                Path(run_dir), batches, rank, world, device, precision,

@@ -24,6 +24,12 @@ Variants plug in by argument (docs/attention.md):
   Gaussian); it needs the explicit path.
 - ``path``: "auto" (default) picks as above; "fused", "flex" or "explicit" insist, and a
   combination that cannot run on the path asked for is a one-line ConfigError.
+
+The core never chooses SDPA's backend itself (no ``sdpa_kernel``): PyTorch takes flash,
+memory-efficient, cuDNN or math for the inputs it gets, so a GPU gets its fused kernels
+whenever the inputs allow (docs/training.md lists which inputs do).
+:func:`attnkit.nn.attention.kernels.record_kernels` counts which kernel each call took (the
+trainer records its first step's in metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch import Tensor
 from attnkit.config import unknown
 from attnkit.errors import ConfigError
 from attnkit.nn.attention import flex
+from attnkit.nn.attention.kernels import note, note_sdpa
 from attnkit.nn.attention.masks import causal_mask, combine
 
 PATHS = ("auto", "fused", "flex", "explicit")
@@ -120,12 +127,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
         mask = combine(mask, causal_mask(t, s, device=q.device))
         causal = False
     if reason is None and path != "explicit":
+        attn_mask = _combined_mask(mask, bias, q.dtype)
+        note_sdpa(q, k, v, attn_mask, dropout, causal, scale)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_combined_mask(mask, bias, q.dtype), dropout_p=dropout,
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout,
             scale=scale, is_causal=causal)  # is_causal: only square and unmasked (fastest)
         return AttentionOutput(out)
     if causal:
         mask = combine(mask, causal_mask(t, s, device=q.device))
+    note("explicit")
     res = _explicit(q, k, v, mask, bias, dropout, scale, score_fn, post_fn)
     return res if need_weights else AttentionOutput(res.out)  # weights only when asked for
 
@@ -141,13 +151,12 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
     if bias is not None:
         scores = scores + bias
     dead = None
-    if mask is not None:
+    if mask is not None:  # no `if dead.any()`: a GPU would wait for it at every call
         scores = scores.masked_fill(~mask, float("-inf"))
         dead = ~mask.any(dim=-1, keepdim=True)  # queries that may attend to nothing
-        if dead.any():
-            scores = scores.masked_fill(dead, 0.0)
+        scores = scores.masked_fill(dead, 0.0)
     weights = torch.softmax(scores, dim=-1)
-    if dead is not None and dead.any():
+    if dead is not None:
         weights = weights.masked_fill(dead, 0.0)  # as the fused kernel: a zero output
     if post_fn is not None:
         weights = post_fn(weights)

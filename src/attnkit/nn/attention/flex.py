@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import ConfigError
+from attnkit.nn.attention.kernels import note
 
 BLOCK = 128  # flex_attention's tile size
 MIN_SCORES = 1 << 20  # "auto" takes flex from T * S >= this many scores (a compile costs ~7 s)
@@ -160,6 +161,7 @@ def flex_band_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None,
     # Always an explicit block mask: with block_mask=None, flex_attention on CPU (torch 2.13)
     # was measured to peak at O(T * S) memory (138 MiB at T = S = 4096) against 8 MiB here.
     block = band_block_mask(t, s, max(t, s) if window is None else window, causal, extra)
+    note("flex")
     return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block, scale=scale)
 
 

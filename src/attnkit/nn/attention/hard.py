@@ -136,16 +136,14 @@ class HardAttention(nn.Module):
         reward = reward.detach()
         total = log_prob.reshape(log_prob.size(0), -1).sum(-1)  # (B,)
         n = reward.numel()
-        if bool(self.baseline_ready):
-            base = self.baseline
-        else:
-            base = (reward.sum() - reward) / (n - 1) if n > 1 else torch.zeros_like(reward)
+        others = (reward.sum() - reward) / (n - 1) if n > 1 else torch.zeros_like(reward)
+        ready = self.baseline_ready  # a tensor, never read on the host (no GPU sync)
+        base = torch.where(ready, self.baseline, others)
         loss = -((reward - base) * total).mean()
         if self.training:
             with torch.no_grad():
-                if bool(self.baseline_ready):
-                    self.baseline.mul_(self.decay).add_((1 - self.decay) * reward.mean())
-                else:
-                    self.baseline.copy_(reward.mean())
-                    self.baseline_ready.fill_(True)
+                mean = reward.mean()
+                self.baseline.copy_(torch.where(
+                    ready, self.baseline * self.decay + (1 - self.decay) * mean, mean))
+                self.baseline_ready.fill_(True)
         return loss
