@@ -167,8 +167,9 @@ def test_logs_eval_best_plot_and_result(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [3, 6]
-    assert set(train[0]) == {"step", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed",
+    assert set(train[1]) == {"step", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed",
                               "peak_memory_gib"}
+    assert set(train[0]) == set(train[1]) | {"device", "precision", "attention_kernels"}
     assert [(r["step"], r["eval"]["val_loss"]) for r in records if "eval" in r] == \
         [(2, 3.0), (4, 1.0), (6, 2.0)]
     assert load_state(tmp_path / "checkpoints" / "best.state.pt")["step"] == 4

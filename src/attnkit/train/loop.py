@@ -207,8 +207,7 @@ class _Run:
     stop: bool = False  # some rank received one: every rank stops after this step
     flops: float = 0.0  # training FLOPs per token (accel.flops_per_token), from the first batch
     skipped: int = 0  # fp16 steps whose update the scaler skipped (overflow), this segment
-    kernels: dict[str, int] | None = None  # attention kernels of this segment's first step
-    where_logged: bool = False  # the first training record (with device and kernels) written
+    where: dict | None = None  # device, precision, first step's attention kernels; {}: logged
 
     def state(self, rngs: list, data: list | None = None) -> dict[str, Any]:
         """The resumable state; ``data``: every rank's stream state when they differ (a
@@ -413,26 +412,18 @@ def _scaler_record(run: _Run) -> dict[str, float]:
 @contextlib.contextmanager
 def _first_step_kernels(run: _Run, bar: Progress) -> Iterator[None]:
     """Around the first step of a segment (a run or a resumed part of it): count the attention
-    kernels it takes (:func:`attnkit.nn.attention.kernels.record_kernels`) and show them on the
-    progress bar with the device and precision."""
-    if run.kernels is not None:
+    kernels it takes (:func:`attnkit.nn.attention.kernels.record_kernels`), keep them with the
+    device and precision for the segment's first training record, show them on the bar."""
+    if run.where is not None:
         yield
         return
     with record_kernels() as taken:
         yield
-    run.kernels = dict(sorted(taken.items()))
-    names = "+".join(run.kernels) or ("compiled" if run.cfg.compile else "none")
+    run.where = {"device": str(run.device), "precision": run.precision,
+                 "attention_kernels": dict(sorted(taken.items()))}
+    names = "+".join(run.where["attention_kernels"]) or ("compiled" if run.cfg.compile
+                                                         else "none")
     bar.describe(f"{run.device.type} {run.precision} attn:{names}")
-
-
-def _where(run: _Run) -> dict[str, Any]:
-    """For the first training record of a segment only: device, precision and the attention
-    kernels of the segment's first step."""
-    if run.where_logged:
-        return {}
-    run.where_logged = True
-    return {"device": str(run.device), "precision": run.precision,
-            "attention_kernels": run.kernels or {}}
 
 
 def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
@@ -459,7 +450,8 @@ def _loop(run: _Run, loss_fn: LossFn, evaluate: EvalFn | None, log: RunLog,
             run.metrics["loss"] = loss
             log.write({"step": run.step, "loss": loss, "lr": lr, **speed,
                        "grad_norm": grad_norm, "elapsed": run.elapsed, **_scaler_record(run),
-                       **_where(run)})
+                       **(run.where or {})})
+            run.where = {}  # in the segment's first record only
             window = [0.0, 0.0, 0, now]
             run.energy.tick(run.step, run.tokens, run.metrics)
         if evaluate is not None and (

@@ -41,7 +41,7 @@ def note(kernel: str) -> None:
 def note_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
               causal: bool, scale: float) -> None:
     """Count the SDPA backend PyTorch dispatches these inputs to (``_fused_sdp_choice`` is the
-    function its dispatcher asks)."""
+    function its dispatcher asks on the CPU and CUDA; elsewhere the count is "sdpa")."""
     if _taken is None or torch.compiler.is_compiling():
         return
     kind = q.device.type
@@ -49,5 +49,9 @@ def note_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: flo
         low = torch.get_autocast_dtype(kind)
         q, k, v = q.to(low), k.to(low), v.to(low)
         mask = mask.to(low) if mask is not None and mask.is_floating_point() else mask
-    choice = torch._fused_sdp_choice(q, k, v, mask, dropout, causal, scale=scale)
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, mask, dropout, causal, scale=scale)
+    except (RuntimeError, NotImplementedError):  # a device without the choice (MPS): "sdpa"
+        _taken["sdpa"] += 1
+        return
     _taken[SDPBackend(choice).name.split("_")[0].lower()] += 1
