@@ -101,6 +101,17 @@ def test_estimate_paper_table(capsys):
     assert "626,155  (626,155)" in out and "1,984 lbs" in out
 
 
+def test_gpu_peaks_are_the_datasheets_dense_tensor_figures():
+    """The estimator's GPUs read the one peak table (attnkit.accel.PEAK_TFLOPS); the figures
+    typed here are the vendors' datasheets' dense (no sparsity) bf16, or fp16 without bf16."""
+    from attnkit.energy.estimate import HARDWARE
+
+    published = {"p100": 18.7, "v100": 125, "t4": 65, "a100": 312, "h100": 989, "l4": 121,
+                 "rtx4090": 165.2}
+    assert {k: h.peak_flops / 1e12 for k, h in HARDWARE.items() if h.kind == "gpu"} == \
+        pytest.approx(published)
+
+
 def test_estimate_from_flops_against_hand_computed_values(capsys):
     # 6 x 1e8 x 1e9 = 6e17 FLOPs on 2 V100 (125 TFLOP/s) at 0.5: 4,800 s = 4/3 h at 600 W;
     # 1.58 x 4/3 x 0.6 = 1.264 kWh; x 0.954 = 1.205856 lbs; 8/3 device-h x $2.48 + $0.13/kWh

@@ -37,9 +37,18 @@ def test_gpu_check_tiny_on_cpu(tmp_path: Path) -> None:
     for batch in (1, 8):
         assert rows[f"generate greedy batch {batch}"]["same_tokens"] is True
     train = rows["GPT-2 train step bf16"]
+    # nanoGPT's count by hand for the tiny GPT-2 (V 97, L 2, C 32, T 32): per layer
+    # 12 C^2 + 13 C, the final LayerNorm 2 C, the tied embedding V C (positions only looked
+    # up): N = 28,576; 6 N + 12 L C T = 196,032 FLOPs a token
+    n = 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32 + 97 * 32
+    per_token = 6 * n + 12 * 2 * 32 * 32
+    assert (n, per_token) == (28_576, 196_032)
+    assert "0.196 MFLOP/token" in train["note"]
+    mfu = rows["GPT-2 train MFU (measured bf16 matmul peak)"]
     for lib in ("attnkit", "transformers"):
         assert train[lib] > 0
-        assert 0 < rows["GPT-2 train MFU (measured bf16 matmul peak)"][lib] < 1
+        assert 0 < mfu[lib] < 1
+        assert abs(mfu[lib] - train[lib] * per_token / result["matmul_peak_flops"]) < 1e-9
     ratio = train["attnkit"] / train["transformers"]
     assert abs(train["attnkit vs transformers"] - ratio) < 1e-9
     assert result["datasheet_peak_flops"] is None  # a CPU has no datasheet row
