@@ -34,13 +34,13 @@ from attnkit.recipes import lm, lm_scratch, seq2seq, translate
 from attnkit.tokenizers import Tokenizer
 from attnkit.train.loop import seed_everything
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # --data sets another
 
 
-def lm_setup(preset: str) -> tuple[Any, torch.nn.Module, Callable]:
+def lm_setup(preset: str, data: Path) -> tuple[Any, torch.nn.Module, Callable]:
     """The lm recipe's defaults (character tokenizer, block 64, batch 12) at ``preset``."""
     cfg = lm_scratch.defaults()
-    docs = read_documents(str(DATA / "text" / "tinyshakespeare.txt"))
+    docs = read_documents(str(data / "text" / "tinyshakespeare.txt"))
     tok = Tokenizer.train("char", docs, vocab_size=cfg.tokenizer.vocab_size)
     stream = LMWindows(encode_documents(tok, docs), cfg.block_size, cfg.batch_size)
     arch = cfg.model_arch if preset == "tiny" else {}  # small: GPT-2 small
@@ -48,11 +48,10 @@ def lm_setup(preset: str) -> tuple[Any, torch.nn.Module, Callable]:
     return stream, model, lm.loss_fn
 
 
-def translate_setup(preset: str) -> tuple[Any, torch.nn.Module, Callable]:
+def translate_setup(preset: str, data: Path) -> tuple[Any, torch.nn.Module, Callable]:
     """The translate recipe's defaults (BPE 8000, 4096 tokens a batch) at ``preset``."""
     cfg = translate.defaults()
-    data = translate.TranslateData(dir=str(DATA / "multi30k"))
-    pairs_text = translate.task(data).train
+    pairs_text = translate.task(translate.TranslateData(dir=str(data / "multi30k"))).train
     tok = Tokenizer.train("bpe", [x for p in pairs_text for x in p],
                           vocab_size=cfg.tokenizer.vocab_size)
     model, _ = build_seq2seq(cfg.model, preset, cfg.arch, tok.vocab_size)
@@ -86,10 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--data", default=str(DATA), help="folder with text/ and multi30k/")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    setups = {f"{name} {preset}": make(preset) for preset in args.presets.split(",")
+    data = Path(args.data)
+    setups = {f"{name} {preset}": make(preset, data) for preset in args.presets.split(",")
               for name, make in (("lm", lm_setup), ("translate", translate_setup))}
     iters = {k: iter(s[0]) for k, s in setups.items()}
     opts = {k: torch.optim.AdamW(s[1].parameters(), lr=1e-4) for k, s in setups.items()}
